@@ -1,8 +1,9 @@
 """Exact and near-duplicate detection for short Chinese texts.
 
 Exact: texts are equal after `text_key` (NFKC, lower case, whitespace and punctuation removed).
-Near: MinHash over character shingles of the key, with an LSH index (datasketch), so two
-texts whose estimated Jaccard similarity is above the threshold count as one. Used greedily:
+Near: two texts whose character shingles have a Jaccard similarity at or above the threshold
+count as one. MinHash LSH (datasketch) finds candidates with a deliberately low threshold (so it
+misses almost nothing), and the exact Jaccard of the shingle sets decides. Used greedily:
 walk the candidates in a seeded order and keep a text only if nothing kept so far is a
 duplicate of it, which stops as soon as enough texts are kept.
 """
@@ -35,26 +36,35 @@ class NearDuplicateIndex:
     def __init__(self, cfg: DedupeConfig, seed: int = 1):
         self.cfg = cfg
         self.seed = seed
-        self.lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=cfg.num_perm)
+        candidate_threshold = max(0.2, cfg.near_duplicate_threshold - 0.3)
+        self.lsh = MinHashLSH(threshold=candidate_threshold, num_perm=cfg.num_perm)
         self.keys: set[str] = set()
+        self.shingles: dict[str, set[str]] = {}
         self.exact_rejected = 0
         self.near_rejected = 0
 
-    def _minhash(self, key: str) -> MinHash:
+    def _minhash(self, grams: set[str]) -> MinHash:
         mh = MinHash(num_perm=self.cfg.num_perm, seed=self.seed)
-        mh.update_batch([s.encode("utf-8") for s in shingles(key, self.cfg.shingle_chars)])
+        mh.update_batch([s.encode("utf-8") for s in grams])
         return mh
+
+    def _is_near(self, grams: set[str], candidate: str) -> bool:
+        other = self.shingles[candidate]
+        return len(grams & other) / len(grams | other) >= self.cfg.near_duplicate_threshold
 
     def add(self, text: str) -> bool:
         key = text_key(text)
         if key in self.keys:
             self.exact_rejected += 1
             return False
-        mh = self._minhash(key)
-        if self.lsh.query(mh):
+        grams = shingles(key, self.cfg.shingle_chars)
+        mh = self._minhash(grams)
+        if any(self._is_near(grams, candidate) for candidate in self.lsh.query(mh)):
             self.near_rejected += 1
             return False
-        self.lsh.insert(str(len(self.keys)), mh)
+        name = str(len(self.keys))
+        self.lsh.insert(name, mh)
+        self.shingles[name] = grams
         self.keys.add(key)
         return True
 

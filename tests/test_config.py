@@ -1,0 +1,61 @@
+import pytest
+import yaml
+
+from lingtune.config import ConfigError, Params, load_params, parse_params
+
+
+def test_repo_params_file_is_valid(root):
+    params = load_params(root / "params.yaml")
+    assert params.data.sentiment.total >= 5000
+    assert params.data.ner.characters >= 120_000
+    assert params.backbone.name == "gemma3-270m"
+
+
+def test_params_file_sets_every_field_explicitly(root):
+    """params.yaml documents every knob: nothing silently falls back to a code default."""
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+
+    def missing(model, section, prefix):
+        for name, field in type(model).model_fields.items():
+            key = field.alias or name
+            if key not in section:
+                yield f"{prefix}{key}"
+            elif hasattr(getattr(model, name), "model_fields"):
+                yield from missing(getattr(model, name), section[key], f"{prefix}{key}.")
+
+    assert list(missing(Params(), raw, "")) == []
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"data\.sentiment\.totl: unknown key"):
+        parse_params({"data": {"sentiment": {"totl": 10}}})
+
+
+def test_bad_value_is_named_with_the_value():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"data": {"sentiment": {"total": -5}}, "backbone": {"dtype": "int3"}})
+    message = str(err.value)
+    assert "data.sentiment.total" in message and "-5" in message
+    assert "backbone.dtype" in message and "int3" in message
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="train \\+ val \\+ test must be 1.0"):
+        parse_params({"data": {"split": {"train": 0.9, "val": 0.1, "test": 0.1}}})
+    with pytest.raises(ConfigError, match="min_chars"):
+        parse_params({"data": {"ner": {"min_chars": 50, "max_chars": 10}}})
+    with pytest.raises(ConfigError, match="positive_share"):
+        parse_params({"validate": {"positive_share": [0.7, 0.3]}})
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_params(listing)

@@ -1,0 +1,64 @@
+"""`dvc repro` of backbone -> prepare -> validate in a scratch copy of the project (SmolLM2,
+small data): it runs, a second run skips everything, and a validation failure stops the
+pipeline before a downstream stage writes anything."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, cwd, env):
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def project(root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("project")
+    for item in ("dvc.yaml", "params.yaml", "src"):
+        (shutil.copytree if (root / item).is_dir() else shutil.copy)(root / item, work / item)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["backbone"].update(name="smollm2-135m", verify_tokens=6)
+    params["data"]["sentiment"]["total"] = 200
+    params["data"]["ner"]["characters"] = 3000
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        assert run(cmd, work, env).returncode == 0
+    return work, env
+
+
+def test_repro_runs_then_skips(project):
+    work, env = project
+    first = run(["dvc", "repro"], work, env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (work / "models/backbone/model.safetensors").is_file()
+    assert (work / "data/processed/test.jsonl").is_file()
+    assert (work / "reports/validation.json").is_file()
+    second = run(["dvc", "repro"], work, env)
+    assert second.returncode == 0
+    for stage in ("backbone", "prepare", "validate"):
+        assert f"Stage '{stage}' didn't change, skipping" in second.stdout
+    stats = run(["lingtune", "data", "stats", "--json"], work, env)
+    assert '"total": 200' in stats.stdout
+
+
+def test_validation_failure_stops_downstream(project):
+    work, env = project
+    pipeline = yaml.safe_load((work / "dvc.yaml").read_text())
+    pipeline["stages"]["downstream"] = {"cmd": "echo trained > downstream.txt",
+                                        "deps": ["reports/validation.json"], "outs": ["downstream.txt"]}
+    (work / "dvc.yaml").write_text(yaml.safe_dump(pipeline))
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["validate"]["positive_share"] = [0.9, 1.0]  # the balanced data now breaks the contract
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    result = run(["dvc", "repro"], work, env)
+    assert result.returncode != 0
+    assert "positive_share" in result.stderr and "train.jsonl" in result.stderr
+    assert not (work / "downstream.txt").exists()

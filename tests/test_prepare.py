@@ -1,0 +1,85 @@
+"""The prepare stage on the real corpora with small sizes, and its guarantees."""
+
+import pytest
+
+from lingtune.config import parse_params
+from lingtune.data.dedupe import NearDuplicateIndex, text_key
+from lingtune.data.prepare import PrepareError, build_dataset, prepare_stage
+from lingtune.data.card import split_stats, read_splits
+
+SMALL = {"data": {"sentiment": {"total": 400}, "ner": {"characters": 6000}}}
+
+
+@pytest.fixture(scope="module")
+def small():
+    params = parse_params(SMALL)
+    return params, build_dataset(params.data, params.seed)
+
+
+def test_sizes_balance_and_budget(small):
+    _, prepared = small
+    stats = split_stats(prepared.splits)
+    assert stats["sentiment"]["labels"] == {"positive": 200, "negative": 200}
+    assert 6000 <= stats["ner"]["characters"] < 6000 + 160
+    assert stats["splits"]["test"]["sentiment"] == 40
+    for split in ("train", "val", "test"):
+        shares = [r.label == "positive" for r in prepared.splits[split] if r.task == "sentiment"]
+        assert sum(shares) * 2 == len(shares)  # every split is balanced
+    empty = stats["ner"]["sentences_without_entities"]
+    assert 0 < empty < stats["ner"]["total"] / 3
+
+
+def test_no_text_shared_across_splits_and_ids_unique(small):
+    _, prepared = small
+    seen, ids = {}, set()
+    for split, records in prepared.splits.items():
+        for r in records:
+            key = text_key(r.text)
+            assert seen.setdefault(key, split) == split, f"{r.text!r} in {seen[key]} and {split}"
+            ids.add(r.id)
+    assert len(ids) == sum(len(r) for r in prepared.splits.values())
+
+
+def test_conflicting_reviews_are_dropped(small):
+    _, prepared = small
+    assert prepared.selection["sentiment"]["conflicting_texts"] >= 47
+
+
+def test_same_seed_same_data_other_seed_other_data(small):
+    params, prepared = small
+    again = build_dataset(params.data, params.seed)
+    assert again.splits == prepared.splits
+    other = build_dataset(params.data, params.seed + 1)
+    assert other.splits["test"] != prepared.splits["test"]
+
+
+def test_asking_for_more_than_the_corpus_has_is_a_clear_error():
+    params = parse_params({"data": {"sentiment": {"total": 100_000}}})
+    with pytest.raises(PrepareError, match="unique positive reviews"):
+        build_dataset(params.data, params.seed)
+
+
+def test_near_duplicates_are_caught():
+    index = NearDuplicateIndex(parse_params({}).data.dedupe)
+    base = "这家酒店的服务非常好，房间干净整洁，早餐也很丰富，下次出差还会再来住。"
+    assert index.add(base)
+    assert not index.add(base + "!")          # exact after normalisation
+    assert not index.add(base + "谢谢")  # near duplicate: Jaccard of 5-char shingles ~0.94
+    assert index.add("书的印刷质量很差，纸张发黄，而且有好几页装订错了。")
+    assert index.stats() == {"kept": 2, "exact_duplicates": 1, "near_duplicates": 1}
+
+
+def test_stage_writes_splits_card_and_mlflow_run(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({**SMALL, "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}})
+    card = prepare_stage(params)
+    assert card["sentiment"]["total"] == 400 and set(card["ner"]["entities"]) == {"PER", "LOC", "ORG"}
+    assert card["corpus_entities"]["single_token"]["ORG"] == 3573
+    assert (tmp_path / "data/processed/card.md").read_text().startswith("# lingtune dataset card")
+    assert split_stats(read_splits("data/processed"))["sentiment"]["total"] == 400
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(card["mlflow_run_id"])
+    assert run.data.metrics["sentiment.total"] == 400
+    assert run.data.tags["lingtune.stage"] == "prepare"
+    assert run.data.params["data.sentiment.total"] == "400"
