@@ -67,6 +67,17 @@ def validate(params: Path = ParamsOption) -> None:
     typer.echo(f"validation passed: {len(report['checks'])} checks on {report['rows']}")
 
 
+@app.command()
+def sft(params: Path = ParamsOption) -> None:
+    """Fine-tune the backbone (LoRA, QLoRA or full); the same command resumes an interrupted run."""
+    from lingtune.train.sft import run_sft
+
+    metrics = run_sft(_params(params))
+    if metrics:
+        typer.echo(f"sft done: {metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> "
+                   f"{metrics['final_loss']:.3f}, val {metrics['val_loss']:.3f}; weights in {_params(params).sft.out_dir}")
+
+
 @data_app.command("stats")
 def data_stats(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),

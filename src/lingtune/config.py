@@ -27,6 +27,8 @@ class TrackingConfig(_Section):
     uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; the default is a local sqlite store in the project root."""
     experiment: str = "lingtune"
+    system_metrics_seconds: float = Field(10.0, gt=0)
+    """Sampling interval of CPU/memory/GPU metrics logged to training runs."""
 
 
 class BackboneConfig(_Section):
@@ -41,20 +43,25 @@ class BackboneConfig(_Section):
     verify_tokens: int = Field(12, ge=1, le=256)
 
 
-class SentimentDataConfig(_Section):
-    total: int = Field(5000, gt=0)
-    """Reviews kept, half positive and half negative (before the split)."""
-    min_chars: int = Field(6, ge=1)
+class _LengthBounds(_Section):
+    min_chars: int = Field(1, ge=1)
     max_chars: int = Field(200, ge=1)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "SentimentDataConfig":
+    def _bounds(self):
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
         return self
 
 
-class NerDataConfig(_Section):
+class SentimentDataConfig(_LengthBounds):
+    total: int = Field(5000, gt=0)
+    """Reviews kept, half positive and half negative (before the split)."""
+    min_chars: int = Field(6, ge=1)
+    max_chars: int = Field(200, ge=1)
+
+
+class NerDataConfig(_LengthBounds):
     characters: int = Field(120_000, gt=0)
     """Characters of People's Daily sentences to keep (before the split)."""
     min_chars: int = Field(8, ge=1)
@@ -63,12 +70,6 @@ class NerDataConfig(_Section):
     """Share of sentences without any entity, so the model learns to answer an empty list."""
     compound_org: bool = True
     """Recover flattened compound organisation names (中国/ns 人民/n 银行/n -> ORG 中国人民银行)."""
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "NerDataConfig":
-        if self.min_chars > self.max_chars:
-            raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
-        return self
 
 
 class SplitConfig(_Section):
@@ -113,12 +114,61 @@ class ValidateConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or `all-linear` (every linear layer but the LM head)."""
+
+
+class SFTConfig(_Section):
+    method: Literal["lora", "full"] = "lora"
+    """`lora`: train a rank-r adapter, base frozen. `full`: every parameter (the baseline)."""
+    quantization: Literal["none", "nf4"] = "none"
+    """`nf4`: QLoRA, the frozen base in bitsandbytes 4-bit NormalFloat (lora only)."""
+    lora: LoraConfig = LoraConfig()
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(250, ge=1)
+    batch_size: int = Field(8, ge=1)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    max_seq_len: int = Field(256, ge=16)
+    """Longer examples are dropped (and counted), never silently cut."""
+    precision: Literal["bf16-mixed", "16-mixed", "32-true"] = "bf16-mixed"
+    gradient_checkpointing: bool = False
+    threads: int = Field(1, ge=0)
+    """torch threads per process; 0 keeps torch's default."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "cpu"
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    val_every_n_steps: int = Field(50, ge=1)
+    val_batches: int = Field(8, ge=1)
+    checkpoint_every_n_steps: int = Field(25, ge=1)
+    log_every_n_steps: int = Field(5, ge=1)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss stops the run (no adapter written) or skips that batch."""
+    out_dir: str = "models/sft"
+    checkpoint_dir: str = "models/sft_checkpoints"
+    metrics: str = "reports/sft.json"
+    loss_curve: str = "reports/sft_loss.csv"
+
+    @model_validator(mode="after")
+    def _quantized_lora_only(self) -> "SFTConfig":
+        if self.quantization == "nf4" and self.method == "full":
+            raise ValueError("quantization nf4 needs method lora (a 4-bit base cannot be trained in full)")
+        return self
+
+
 class Params(_Section):
     seed: int = 42
     tracking: TrackingConfig = TrackingConfig()
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    sft: SFTConfig = SFTConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,0 +1,1 @@
+"""Training: data loading, SFT (Lightning), and later RL (TRL)."""

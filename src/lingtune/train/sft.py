@@ -1,0 +1,314 @@
+"""SFT stage: LoRA / QLoRA / full fine-tuning of the backbone with PyTorch Lightning.
+
+Features and their cost:
+* LoRA (peft, rank `sft.lora.r` on every linear layer by default): only the adapter trains and
+  only the adapter is saved (`models/sft/adapter_model.safetensors`, a few MB).
+* QLoRA (`sft.quantization: nf4`): the frozen base is loaded in bitsandbytes 4-bit NormalFloat.
+* Full fine-tuning (`sft.method: full`): the baseline the evaluation compares against; saves the
+  whole model.
+* Answer-only loss, and logits only for the answer positions (`logits_to_keep`), left padding,
+  length-bucketed batches, bf16 autocast on CPU.
+* DDP: `strategy`, `devices`, `num_nodes` (gloo on CPU, NCCL on GPU); a multi-node run is the
+  same command with MASTER_ADDR/MASTER_PORT/NODE_RANK set.
+* Fault tolerance: `ModelCheckpoint(every_n_train_steps, save_last=True)` + `fit(ckpt_path="last")`
+  and a `StatefulDataLoader`, so the same command starts or resumes a run and a resumed run
+  continues on exactly the next batch. Checkpoints keep trainable weights only.
+* Monitoring: MLFlowLogger (params, live metrics, system metrics, the adapter as an artifact, the
+  dataset hash as a tag) and Lightning's progress bar.
+
+Errors: ValueError for a non-finite loss under `on_nonfinite: stop` (nothing is written to
+`out_dir`); ConfigError-like ValueErrors for an impossible combination (nf4 without CUDA-free
+bitsandbytes support is reported by bitsandbytes itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.nn import functional as F
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lingtune.config import SFTConfig
+from lingtune.train.loader import IGNORE, BucketBatchSampler, SFTDataset, collate_left_padded
+
+
+class NonFiniteLoss(ValueError):
+    """The loss became NaN or infinite; the run stopped before writing any weights."""
+
+
+def load_model(backbone_dir: str, cfg: SFTConfig):
+    """The backbone, quantized and wrapped for the configured method."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.float32 if cfg.method == "full" else torch.bfloat16}
+    if cfg.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(backbone_dir, **kwargs)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    for param in model.parameters():  # adapter weights in fp32, whatever the base dtype
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
+
+
+def answer_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over answer tokens, computing logits for the answer positions only."""
+    keep = int(batch["answer_span"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=keep)
+    logits = out.logits[:, :-1, :].float()
+    targets = batch["labels"][:, -keep + 1 :]
+    tokens = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    return loss, tokens
+
+
+class SFTModule(pl.LightningModule):
+    def __init__(self, backbone_dir: str, cfg: SFTConfig, tokenizer, train_set: SFTDataset,
+                 val_set: SFTDataset, seed: int):
+        super().__init__()
+        self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
+        self.train_set, self.val_set = train_set, val_set
+        self.model = load_model(backbone_dir, cfg)
+        self.strict_loading = False  # checkpoints hold trainable weights only
+        self.losses: list[dict] = []
+        self.skipped = 0
+
+    # -- data -----------------------------------------------------------------------------
+    def _loader(self, dataset: SFTDataset, shuffle: bool) -> StatefulDataLoader:
+        sampler = BucketBatchSampler(dataset.lengths(), self.cfg.batch_size, self.seed,
+                                     rank=self.global_rank, world_size=self.trainer.world_size, shuffle=shuffle)
+        return StatefulDataLoader(dataset, batch_sampler=sampler, num_workers=0,
+                                  collate_fn=lambda b: collate_left_padded(b, self.tokenizer.pad_token_id))
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False)
+
+    # -- steps ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        # Dropout masks depend on (seed, rank, step, batch) only, not on the RNG's history, so a
+        # resumed run draws exactly the masks the uninterrupted run would have drawn.
+        torch.manual_seed(self.seed + 1_000_003 * self.global_rank + 7919 * self.global_step + batch_idx)
+        loss, tokens = answer_loss(self.model, batch)
+        if not torch.isfinite(loss):
+            message = f"non-finite loss ({loss.item()}) at step {self.global_step}"
+            if self.cfg.on_nonfinite == "stop":
+                raise NonFiniteLoss(message + "; stopping without writing weights (sft.on_nonfinite: stop)")
+            self.print(message + "; batch skipped (sft.on_nonfinite: skip)")
+            self.skipped += 1
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=self.cfg.batch_size)
+        self.log("train/answer_tokens", float(tokens), reduce_fx="sum", batch_size=self.cfg.batch_size)
+        if self.global_rank == 0:
+            self.losses.append({"step": self.global_step, "loss": float(loss.detach())})
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, _ = answer_loss(self.model, batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=self.cfg.batch_size)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warmup, total = self.cfg.warmup_steps, self.cfg.max_steps
+
+        def schedule(step: int) -> float:  # linear warm-up, then cosine to 10% of the peak
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: trainable weights only (the frozen base is the backbone folder) --------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lingtune_losses"] = self.losses
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.losses = checkpoint.get("lingtune_losses", [])
+
+    def weights_are_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad)
+
+    @torch.no_grad()
+    def final_val_loss(self) -> float:
+        """Mean loss of the first `val_batches` validation batches with the final weights."""
+        self.model.eval()
+        sampler = BucketBatchSampler(self.val_set.lengths(), self.cfg.batch_size, self.seed, shuffle=False)
+        losses = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16-mixed"):
+            for _, indices in zip(range(self.cfg.val_batches), sampler):
+                batch = collate_left_padded([self.val_set[i] for i in indices], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                losses.append(float(answer_loss(self.model, batch)[0]))
+        return sum(losses) / len(losses)
+
+
+def save_weights(module: SFTModule, out_dir: Path) -> list[Path]:
+    """Adapter (lora) or whole model (full) plus tokenizer, written atomically."""
+    if not module.weights_are_finite():
+        raise NonFiniteLoss("trained weights contain NaN/inf; nothing written")
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    module.model.save_pretrained(staging, safe_serialization=True)
+    module.tokenizer.save_pretrained(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return sorted(out_dir.iterdir())
+
+
+def write_loss_curve(path: Path, losses: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["step,loss"] + [f"{row['step']},{row['loss']:.6f}" for row in losses]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2))
+
+
+def fingerprint(params, data_sha: str) -> str:
+    """What a checkpoint belongs to: the sft config, seed, backbone and training data."""
+    import hashlib
+
+    blob = json.dumps({"sft": params.sft.model_dump(exclude={"checkpoint_every_n_steps", "metrics", "loss_curve"}),
+                       "seed": params.seed, "backbone": params.backbone.model_dump(), "data": data_sha},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_checkpoint_dir(path: Path, print_fn, stamp: str) -> str | None:
+    """Keep checkpoints of the same configuration (to resume); drop others. Returns the MLflow run
+    id of the run being resumed, if any."""
+    meta = path / "lingtune_run.json"
+    if meta.is_file():
+        saved = json.loads(meta.read_text())
+        if saved.get("fingerprint") == stamp and (path / "last.ckpt").is_file():
+            print_fn(f"resuming from {path / 'last.ckpt'}")
+            return saved.get("mlflow_run_id")
+        print_fn(f"{path}: checkpoints of another configuration; starting afresh")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_sft(params) -> dict:
+    """DVC stage `sft`: the same command starts a run or resumes the last one."""
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import MLFlowLogger
+    from transformers import AutoTokenizer
+
+    from lingtune.backbone import sha256_file
+    from lingtune.data.formats import read_jsonl
+
+    cfg, data_dir = params.sft, Path(params.data.out_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pl.seed_everything(params.seed, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(params.backbone.out_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_set = SFTDataset(tokenizer, read_jsonl(data_dir / "train.jsonl"), cfg.max_seq_len)
+    val_set = SFTDataset(tokenizer, read_jsonl(data_dir / "val.jsonl"), cfg.max_seq_len)
+    data_sha = sha256_file(data_dir / "train.jsonl")
+    ckpt_dir, stamp = Path(cfg.checkpoint_dir), fingerprint(params, data_sha)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    run_id = prepare_checkpoint_dir(ckpt_dir, print, stamp) if rank == 0 else None
+    logger = MLFlowLogger(experiment_name=params.tracking.experiment, tracking_uri=params.tracking.uri,
+                          run_name=f"sft-{cfg.method}{'-nf4' if cfg.quantization == 'nf4' else ''}",
+                          run_id=run_id, tags={"lingtune.stage": "sft", "data.train.sha256": data_sha})
+    module = SFTModule(params.backbone.out_dir, cfg, tokenizer, train_set, val_set, params.seed)
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator, strategy=cfg.strategy, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        precision=cfg.precision, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate_grad_batches,
+        val_check_interval=cfg.val_every_n_steps, check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
+        num_sanity_val_steps=0, log_every_n_steps=cfg.log_every_n_steps, gradient_clip_val=1.0,
+        use_distributed_sampler=False, logger=logger, default_root_dir=str(ckpt_dir),
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.checkpoint_every_n_steps,
+                                   save_last=True, save_top_k=1),
+                   LearningRateMonitor(logging_interval="step")],
+    )
+    if trainer.is_global_zero:
+        from lingtune.tracking import flatten
+
+        logger.log_hyperparams({"seed": params.seed, "backbone": params.backbone.name,
+                                **flatten("sft", cfg.model_dump())})
+        (ckpt_dir / "lingtune_run.json").write_text(json.dumps({"fingerprint": stamp, "mlflow_run_id": logger.run_id}))
+    started = time.time()
+    monitor = _system_metrics(logger.run_id, params.tracking) if trainer.is_global_zero else None
+    try:
+        trainer.fit(module, ckpt_path="last")
+    finally:
+        if monitor:
+            monitor.finish()
+    if not trainer.is_global_zero:
+        return {}
+    return _finish(module, trainer, logger, cfg, started, train_set)
+
+
+def _system_metrics(run_id: str, tracking):
+    import mlflow
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    mlflow.set_tracking_uri(tracking.uri)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking.system_metrics_seconds,
+                                   samples_before_logging=1)
+    monitor.start()
+    return monitor
+
+
+def _finish(module: SFTModule, trainer, logger, cfg: SFTConfig, started: float, train_set: SFTDataset) -> dict:
+    val_loss = module.final_val_loss()
+    if not math.isfinite(val_loss):
+        raise NonFiniteLoss(f"validation loss of the trained weights is {val_loss}; nothing written "
+                            f"({module.skipped} batches were skipped for a non-finite loss)")
+    files = save_weights(module, Path(cfg.out_dir))
+    losses = module.losses
+    write_loss_curve(Path(cfg.loss_curve), losses)
+    tail = [row["loss"] for row in losses[-10:]]
+    metrics = {
+        "method": cfg.method, "quantization": cfg.quantization, "steps": trainer.global_step,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "val_loss": val_loss, "skipped_batches": module.skipped,
+        "trainable_parameters": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
+        "dropped_long_examples": train_set.dropped, "wall_seconds_this_run": round(time.time() - started, 1),
+        "peak_rss_mb": round(_peak_rss_mb()), "mlflow_run_id": logger.run_id,
+    }
+    write_metrics(Path(cfg.metrics), metrics)
+    logger.experiment.log_metric(logger.run_id, "val/final_loss", val_loss, step=trainer.global_step)
+    logger.experiment.log_dict(logger.run_id, metrics, "sft_metrics.json")
+    for path in files:
+        logger.experiment.log_artifact(logger.run_id, str(path), "adapter" if cfg.method == "lora" else "model")
+    return metrics

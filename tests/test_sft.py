@@ -1,0 +1,146 @@
+"""The SFT stage on a tiny model: loss goes down, kill -9 and resume is bit-identical, DDP with two
+gloo processes, nf4 (QLoRA), full fine-tuning, MLflow read-back, and a non-finite loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tiny import build_tiny_model
+
+BASE_SFT = {"max_steps": 30, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "val_every_n_steps": 10,
+            "val_batches": 2, "checkpoint_every_n_steps": 5, "log_every_n_steps": 1, "max_seq_len": 160}
+
+
+def make_project(root: Path, tmp: Path, **sft) -> Path:
+    """A scratch project: the tiny backbone, a slice of the prepared data, its own MLflow store."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    build_tiny_model(tmp / "models" / "backbone")
+    data = tmp / "data" / "processed"
+    data.mkdir(parents=True)
+    for split, n in (("train", 400), ("val", 40)):
+        rows = [json.loads(line) for line in (root / "tests" / "data" / f"{split}.jsonl").read_text().splitlines()]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:n]))
+    params = {"tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "system_metrics_seconds": 0.5},
+              "sft": {**BASE_SFT, **sft}}
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp
+
+
+def sft_command():
+    return [sys.executable, "-m", "lingtune.cli", "sft"]
+
+
+def run_sft(project: Path, timeout=600) -> subprocess.CompletedProcess:
+    result = subprocess.run(sft_command(), cwd=project, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def metrics(project: Path) -> dict:
+    return json.loads((project / "reports" / "sft.json").read_text())
+
+
+def adapter(project: Path) -> dict:
+    return load_file(project / "models" / "sft" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root, tmp_path_factory):
+    project = make_project(root, tmp_path_factory.mktemp("sft-a"))
+    result = run_sft(project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return project
+
+
+def test_a_few_steps_lower_the_loss(uninterrupted):
+    m = metrics(uninterrupted)
+    assert m["steps"] == 30 and m["method"] == "lora"
+    curve = (uninterrupted / "reports" / "sft_loss.csv").read_text().splitlines()
+    assert curve[0] == "step,loss" and len(curve) == 31
+    assert m["final_loss"] < m["first_loss"] - 0.25  # measured here: 7.55 -> 7.09
+    assert (uninterrupted / "models" / "sft" / "adapter_config.json").is_file()
+
+
+def test_mlflow_run_reads_back(uninterrupted):
+    run_id = metrics(uninterrupted)["mlflow_run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{uninterrupted}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.data.tags["lingtune.stage"] == "sft" and "data.train.sha256" in run.data.tags
+    assert run.data.params["sft.lora.r"] == "8" and run.data.params["sft.max_steps"] == "30"
+    assert len(client.get_metric_history(run_id, "train/loss")) >= 20
+    assert "val/loss" in run.data.metrics
+    assert any(key.startswith("system/") for key in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in artifacts
+
+
+def test_sigkill_then_resume_is_bit_identical(root, tmp_path, uninterrupted):
+    project = make_project(root, tmp_path / "b")
+    process = subprocess.Popen(sft_command(), cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = project / "models" / "sft_checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (project / "models" / "sft").exists(), "the run finished before it could be killed"
+    resumed = run_sft(project)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    a, b = adapter(uninterrupted), adapter(project)
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), "resumed adapter differs from the uninterrupted one"
+    assert metrics(project)["mlflow_run_id"] == json.loads(
+        (project / "models" / "sft_checkpoints" / "lingtune_run.json").read_text())["mlflow_run_id"]
+
+
+def test_changed_config_does_not_resume_old_checkpoints(uninterrupted):
+    params = yaml.safe_load((uninterrupted / "params.yaml").read_text())
+    params["sft"]["lr"] = 0.005
+    (uninterrupted / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_sft(uninterrupted)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoints of another configuration; starting afresh" in result.stdout
+    assert metrics(uninterrupted)["steps"] == 30
+
+
+def test_ddp_with_two_gloo_processes(root, tmp_path):
+    project = make_project(root, tmp_path, strategy="ddp", devices=2, max_steps=6, checkpoint_every_n_steps=3)
+    result = run_sft(project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(project)
+    assert m["steps"] == 6
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("variant", [{"quantization": "nf4"}, {"method": "full", "lr": 0.001}])
+def test_qlora_and_full_paths(root, tmp_path, variant):
+    project = make_project(root, tmp_path, max_steps=8, **variant)
+    result = run_sft(project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(project)
+    assert m["final_loss"] < m["first_loss"]
+    saved = {p.name for p in (project / "models" / "sft").iterdir()}
+    if variant.get("method") == "full":
+        assert "model.safetensors" in saved and m["trainable_parameters"] > 30_000
+    else:
+        assert "adapter_model.safetensors" in saved and m["quantization"] == "nf4"
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_loss_never_writes_weights(root, tmp_path, policy):
+    project = make_project(root, tmp_path, max_steps=8, lr=1e30, on_nonfinite=policy, precision="32-true")
+    result = run_sft(project)
+    assert result.returncode == 1
+    assert "error:" in result.stderr and ("non-finite" in result.stderr or "NaN/inf" in result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not (project / "models" / "sft").exists()
