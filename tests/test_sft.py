@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from tiny import build_tiny_model
 
 BASE_SFT = {"max_steps": 30, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "val_every_n_steps": 10,
-            "val_batches": 2, "checkpoint_every_n_steps": 5, "log_every_n_steps": 1, "max_seq_len": 160}
+            "val_batches": 2, "checkpoint_every_n_steps": 5, "log_every_n_steps": 1, "max_seq_len": 160,
+            "lora": {"dropout": 0.1}}  # dropout on: resume must also reproduce the masks
 
 
 def make_project(root: Path, tmp: Path, **sft) -> Path:

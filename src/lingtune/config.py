@@ -117,7 +117,8 @@ class ValidateConfig(_Section):
 class LoraConfig(_Section):
     r: int = Field(8, ge=1, le=256)
     alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """LoRA dropout; a mask per adapted layer and step costs CPU time (benchmarks/train_memory.py)."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or `all-linear` (every linear layer but the LM head)."""
 
