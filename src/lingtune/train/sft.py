@@ -97,7 +97,7 @@ class SFTModule(pl.LightningModule):
         super().__init__()
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         self.train_set, self.val_set = train_set, val_set
-        self.model = load_model(backbone_dir, cfg)
+        self.model = load_model(backbone_dir, cfg).train()  # from_pretrained leaves it in eval mode
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.losses: list[dict] = []
         self.skipped = 0
