@@ -78,6 +78,46 @@ def sft(params: Path = ParamsOption) -> None:
                    f"{metrics['final_loss']:.3f}, val {metrics['val_loss']:.3f}; weights in {_params(params).sft.out_dir}")
 
 
+@app.command()
+def evaluate(params: Path = ParamsOption) -> None:
+    """DVC stage: every variant (base, SFT, ...) on the test split; writes reports/eval/."""
+    from lingtune.evaluate.run import comparison_table, run_evaluate
+
+    typer.echo(comparison_table(run_evaluate(_params(params))))
+
+
+@app.command("eval")
+def eval_file(
+    data: Path = typer.Option(..., "--data", help="file in the neutral format"),
+    task: str = typer.Option(..., "--task", help="sentiment | ner"),
+    model: Optional[str] = typer.Option(None, "--model", help="model folder or LoRA adapter (default: models/sft)"),
+    free: bool = typer.Option(False, "--free", help="free decoding instead of constrained"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    params: Path = ParamsOption,
+) -> None:
+    """Evaluate a model on any file: sentiment accuracy/macro-F1 or NER strict-span P/R/F1."""
+    from lingtune.data.formats import read_jsonl
+    from lingtune.data.overlap import overlap_report
+    from lingtune.evaluate.run import evaluate_file, resolve_model
+
+    cfg = _params(params)
+    ref = resolve_model(model, cfg.backbone.out_dir, cfg.sft.out_dir)
+    train = Path(cfg.data.out_dir) / "train.jsonl"
+    if train.is_file():
+        report = overlap_report(read_jsonl(train), read_jsonl(data, task=task))
+        if report.exact or report.ngram_contaminated:
+            typer.echo(f"warning: {report.exact} of {report.eval} texts are in {train} and "
+                       f"{report.ngram_contaminated} share >= {report.threshold:.0%} of their 8-grams with it", err=True)
+    metrics = evaluate_file(ref, data, task, constrained=not free)
+    metrics.pop("confusion", None)
+    if as_json:
+        _print_json(metrics)
+        return
+    keys = ("accuracy", "macro_f1") if task == "sentiment" else ("precision", "recall", "f1")
+    typer.echo(f"{task} on {data} (n={metrics['n']}): " + ", ".join(f"{k} {metrics[k]:.1%}" for k in keys)
+               + f", invalid {metrics['invalid_rate']:.1%}")
+
+
 @data_app.command("stats")
 def data_stats(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),

@@ -163,6 +163,16 @@ class SFTConfig(_Section):
         return self
 
 
+class EvaluateConfig(_Section):
+    constrained: bool = True
+    """Constrained decoding (choice for sentiment, the answer format's regex for NER)."""
+    max_examples: int = Field(0, ge=0)
+    """Per task, from the test split; 0 = all."""
+    max_tokens_ner: int = Field(256, ge=16)
+    kv_cache_gb: int = Field(2, ge=1)
+    out_dir: str = "reports/eval"
+
+
 class Params(_Section):
     seed: int = 42
     tracking: TrackingConfig = TrackingConfig()
@@ -170,6 +180,7 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     sft: SFTConfig = SFTConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the vLLM engine, `lingtune eval` and the evaluate stage."""
