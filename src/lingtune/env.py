@@ -15,6 +15,9 @@ OFFLINE_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_NO_USAGE_STATS": "1",
+    # stdout is for results (`--json`); vLLM logs to stdout unless told otherwise
+    "VLLM_LOGGING_STREAM": "ext://sys.stderr",
 }
 
 
