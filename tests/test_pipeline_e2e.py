@@ -1,4 +1,4 @@
-"""`dvc repro` of backbone -> prepare -> validate -> sft in a scratch copy of the project (SmolLM2,
+"""`dvc repro` of backbone -> prepare -> validate -> sft -> evaluate in a scratch copy of the project (SmolLM2,
 small data, a few SFT steps): it runs, a second run skips everything, and a validation failure stops the
 pipeline before a downstream stage writes anything."""
 
@@ -28,6 +28,7 @@ def project(root, tmp_path_factory):
     params["data"]["sentiment"]["total"] = 200
     params["data"]["ner"]["characters"] = 3000
     params["sft"].update(max_steps=4, batch_size=2, val_batches=1, checkpoint_every_n_steps=2, val_every_n_steps=2)
+    params["evaluate"]["max_examples"] = 8
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
@@ -46,7 +47,8 @@ def test_repro_runs_then_skips(project):
     assert second.returncode == 0
     assert (work / "models/sft/adapter_model.safetensors").is_file()
     assert (work / "reports/sft.json").is_file()
-    for stage in ("backbone", "prepare", "validate", "sft"):
+    assert (work / "reports/eval/table.md").read_text().startswith("| variant |")
+    for stage in ("backbone", "prepare", "validate", "sft", "evaluate"):
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout
     stats = run(["lingtune", "data", "stats", "--json"], work, env)
     assert '"total": 200' in stats.stdout

@@ -233,33 +233,24 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_sft(params) -> dict:
-    """DVC stage `sft`: the same command starts a run or resumes the last one."""
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import MLFlowLogger
+def load_data(backbone_dir: str, data_dir: Path, max_len: int):
+    """Tokenizer (pad = eos when the model has no pad token) and the encoded train/val splits."""
     from transformers import AutoTokenizer
 
-    from lingtune.backbone import sha256_file
     from lingtune.data.formats import read_jsonl
 
-    cfg, data_dir = params.sft, Path(params.data.out_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    pl.seed_everything(params.seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(params.backbone.out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_set = SFTDataset(tokenizer, read_jsonl(data_dir / "train.jsonl"), cfg.max_seq_len)
-    val_set = SFTDataset(tokenizer, read_jsonl(data_dir / "val.jsonl"), cfg.max_seq_len)
-    data_sha = sha256_file(data_dir / "train.jsonl")
-    ckpt_dir, stamp = Path(cfg.checkpoint_dir), fingerprint(params, data_sha)
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-    run_id = prepare_checkpoint_dir(ckpt_dir, print, stamp) if rank == 0 else None
-    logger = MLFlowLogger(experiment_name=params.tracking.experiment, tracking_uri=params.tracking.uri,
-                          run_name=f"sft-{cfg.method}{'-nf4' if cfg.quantization == 'nf4' else ''}",
-                          run_id=run_id, tags={"lingtune.stage": "sft", "data.train.sha256": data_sha})
-    module = SFTModule(params.backbone.out_dir, cfg, tokenizer, train_set, val_set, params.seed)
-    trainer = pl.Trainer(
+    return (tokenizer, SFTDataset(tokenizer, read_jsonl(data_dir / "train.jsonl"), max_len),
+            SFTDataset(tokenizer, read_jsonl(data_dir / "val.jsonl"), max_len))
+
+
+def build_trainer(cfg: SFTConfig, logger, ckpt_dir: Path) -> pl.Trainer:
+    """Lightning does the distributed set-up, precision, checkpoints and resuming."""
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    return pl.Trainer(
         accelerator=cfg.accelerator, strategy=cfg.strategy, devices=cfg.devices, num_nodes=cfg.num_nodes,
         precision=cfg.precision, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate_grad_batches,
         val_check_interval=cfg.val_every_n_steps, check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
@@ -269,6 +260,28 @@ def run_sft(params) -> dict:
                                    save_last=True, save_top_k=1),
                    LearningRateMonitor(logging_interval="step")],
     )
+
+
+def run_sft(params) -> dict:
+    """DVC stage `sft`: the same command starts a run or resumes the last one."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from lingtune.backbone import sha256_file
+
+    cfg, data_dir = params.sft, Path(params.data.out_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pl.seed_everything(params.seed, workers=True, verbose=False)
+    tokenizer, train_set, val_set = load_data(params.backbone.out_dir, data_dir, cfg.max_seq_len)
+    data_sha = sha256_file(data_dir / "train.jsonl")
+    ckpt_dir, stamp = Path(cfg.checkpoint_dir), fingerprint(params, data_sha)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    run_id = prepare_checkpoint_dir(ckpt_dir, print, stamp) if rank == 0 else None
+    logger = MLFlowLogger(experiment_name=params.tracking.experiment, tracking_uri=params.tracking.uri,
+                          run_name=f"sft-{cfg.method}{'-nf4' if cfg.quantization == 'nf4' else ''}",
+                          run_id=run_id, tags={"lingtune.stage": "sft", "data.train.sha256": data_sha})
+    module = SFTModule(params.backbone.out_dir, cfg, tokenizer, train_set, val_set, params.seed)
+    trainer = build_trainer(cfg, logger, ckpt_dir)
     if trainer.is_global_zero:
         from lingtune.tracking import flatten
 
