@@ -203,12 +203,14 @@ def write_metrics(path: Path, metrics: dict) -> None:
 
 
 def fingerprint(params, data_sha: str) -> str:
-    """What a checkpoint belongs to: the sft config, seed, backbone and training data."""
+    """What a checkpoint belongs to: the sft config, seed, backbone, training data and the training
+    code itself (a changed recipe must retrain, not resume a finished run of the old one)."""
     import hashlib
 
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))))
     blob = json.dumps({"sft": params.sft.model_dump(exclude={"checkpoint_every_n_steps", "metrics", "loss_curve"}),
-                       "seed": params.seed, "backbone": params.backbone.model_dump(), "data": data_sha},
-                      sort_keys=True)
+                       "seed": params.seed, "backbone": params.backbone.model_dump(), "data": data_sha,
+                       "code": code.hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
