@@ -23,7 +23,20 @@ def test_params_file_sets_every_field_explicitly(root):
             elif hasattr(getattr(model, name), "model_fields"):
                 yield from missing(getattr(model, name), section[key], f"{prefix}{key}.")
 
-    assert list(missing(Params(), raw, "")) == []
+    overrides = raw.pop("sft_full")  # an override section: every key it leaves out is taken from `sft`
+    assert set(overrides) <= set(raw["sft"])
+    assert [key for key in missing(Params(), raw, "") if key != "sft_full"] == []
+
+
+def test_full_baseline_inherits_the_sft_recipe():
+    params = parse_params({"sft": {"max_steps": 77, "quantization": "nf4", "lora": {"r": 4}},
+                           "sft_full": {"lr": 3e-5}})
+    full = params.sft_full
+    assert (full.method, full.quantization, full.max_steps, full.lr) == ("full", "none", 77, 3e-5)
+    assert full.out_dir == "models/sft_full" and full.metrics == "reports/sft_full.json"
+    assert params.sft.out_dir == "models/sft"
+    with pytest.raises(ConfigError, match=r"sft_full\.lr"):
+        parse_params({"sft_full": {"lr": -1}})
 
 
 def test_unknown_key_is_named():

@@ -1,6 +1,7 @@
-"""`dvc repro` of backbone -> prepare -> validate -> sft -> evaluate in a scratch copy of the project (SmolLM2,
-small data, a few SFT steps): it runs, a second run skips everything, and a validation failure stops the
-pipeline before a downstream stage writes anything."""
+"""`dvc repro` of the whole pipeline (backbone -> prepare -> validate -> sft, sft_full -> reward -> rl ->
+quantize -> evaluate -> register) in a scratch copy of the project (SmolLM2, small data, a few steps of
+everything): it runs, a second run skips everything, and a validation failure stops the pipeline before
+a downstream stage writes anything."""
 
 import os
 import shutil
@@ -21,14 +22,20 @@ def run(cmd, cwd, env):
 @pytest.fixture(scope="module")
 def project(root, tmp_path_factory):
     work = tmp_path_factory.mktemp("project")
-    for item in ("dvc.yaml", "params.yaml", "src"):
+    for item in ("dvc.yaml", "params.yaml", "src", "requirements"):
         (shutil.copytree if (root / item).is_dir() else shutil.copy)(root / item, work / item)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["backbone"].update(name="smollm2-135m", verify_tokens=6)
     params["data"]["sentiment"]["total"] = 200
     params["data"]["ner"]["characters"] = 3000
     params["sft"].update(max_steps=4, batch_size=2, val_batches=1, checkpoint_every_n_steps=2, val_every_n_steps=2)
+    params["sft_full"].update(max_steps=2)
     params["evaluate"]["max_examples"] = 8
+    params["reward"].update(prompts_per_task=2, samples=2, max_new_tokens=24)
+    params["rl"].update(max_steps=2, prompts_per_step=1, num_generations=2, max_completion_length=24, save_steps=1)
+    # RTN needs no calibration; SmolLM2's 576-wide layers take groups of 64. The quantize env is the
+    # project's own (created once by the stage), not a new one per scratch copy.
+    params["quantize"].update(method="rtn", group_size=64, env_dir=str(root / ".venv-quant"))
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
@@ -47,8 +54,14 @@ def test_repro_runs_then_skips(project):
     assert second.returncode == 0
     assert (work / "models/sft/adapter_model.safetensors").is_file()
     assert (work / "reports/sft.json").is_file()
-    assert (work / "reports/eval/table.md").read_text().startswith("| variant |")
-    for stage in ("backbone", "prepare", "validate", "sft", "evaluate"):
+    table = (work / "reports/eval/table.md").read_text()
+    for variant in ("base", "sft", "sft-full", "rl", "int4"):
+        assert f"| {variant} |" in table
+    assert (work / "models/rl/adapter_model.safetensors").is_file()
+    assert (work / "models/int4/config.json").is_file()
+    assert "champion" in (work / "reports/register.json").read_text()
+    for stage in ("backbone", "prepare", "validate", "sft", "sft_full", "reward", "rl", "quantize", "evaluate",
+                  "register"):
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout
     stats = run(["lingtune", "data", "stats", "--json"], work, env)
     assert '"total": 200' in stats.stdout

@@ -124,18 +124,28 @@ def test_ddp_with_two_gloo_processes(root, tmp_path):
     assert "distributed_backend=gloo" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("variant", [{"quantization": "nf4"}, {"method": "full", "lr": 0.001}])
-def test_qlora_and_full_paths(root, tmp_path, variant):
-    project = make_project(root, tmp_path, max_steps=8, **variant)
+def test_qlora_path(root, tmp_path):
+    project = make_project(root, tmp_path, max_steps=8, quantization="nf4")
     result = run_sft(project)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(project)
-    assert m["final_loss"] < m["first_loss"]
-    saved = {p.name for p in (project / "models" / "sft").iterdir()}
-    if variant.get("method") == "full":
-        assert "model.safetensors" in saved and m["trainable_parameters"] > 30_000
-    else:
-        assert "adapter_model.safetensors" in saved and m["quantization"] == "nf4"
+    assert m["final_loss"] < m["first_loss"] and m["quantization"] == "nf4"
+    assert "adapter_model.safetensors" in {p.name for p in (project / "models" / "sft").iterdir()}
+
+
+def test_full_baseline_trains_beside_the_adapter(root, tmp_path):
+    """`lingtune sft --full` (stage sft_full): the sft recipe with sft_full's overrides, own folders."""
+    project = make_project(root, tmp_path, max_steps=8)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sft_full"] = {"lr": 0.001}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(sft_command() + ["--full"], cwd=project, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads((project / "reports" / "sft_full.json").read_text())
+    assert m["method"] == "full" and m["steps"] == 8 and m["final_loss"] < m["first_loss"]
+    assert m["trainable_parameters"] > 30_000
+    assert "model.safetensors" in {p.name for p in (project / "models" / "sft_full").iterdir()}
+    assert not (project / "models" / "sft").exists()  # the LoRA variant's folders are untouched
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

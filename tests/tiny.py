@@ -37,7 +37,8 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,  # bnb nf4 needs widths of 64+ num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,  # bnb nf4 needs widths of 64+
+        num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )

@@ -68,14 +68,17 @@ def validate(params: Path = ParamsOption) -> None:
 
 
 @app.command()
-def sft(params: Path = ParamsOption) -> None:
+def sft(params: Path = ParamsOption,
+        full: bool = typer.Option(False, "--full", help="train the full-parameter baseline (params section sft_full)")) -> None:
     """Fine-tune the backbone (LoRA, QLoRA or full); the same command resumes an interrupted run."""
     from lingtune.train.sft import run_sft
 
-    metrics = run_sft(_params(params))
+    cfg = _params(params)
+    metrics = run_sft(cfg, full_baseline=full)
     if metrics:
+        out_dir = (cfg.sft_full if full else cfg.sft).out_dir
         typer.echo(f"sft done: {metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> "
-                   f"{metrics['final_loss']:.3f}, val {metrics['val_loss']:.3f}; weights in {_params(params).sft.out_dir}")
+                   f"{metrics['final_loss']:.3f}, val {metrics['val_loss']:.3f}; weights in {out_dir}")
 
 
 @app.command()
@@ -86,11 +89,94 @@ def evaluate(params: Path = ParamsOption) -> None:
     typer.echo(comparison_table(run_evaluate(_params(params))))
 
 
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@app.command()
+def reward(params: Path = ParamsOption) -> None:
+    """DVC stage: sample the SFT model on validation prompts, score the answers with the judge (reward data set)."""
+    from lingtune.train.scoring import run_reward
+
+    cfg = _params(params)
+    report = run_reward(cfg)
+    mean, cons = report["mean"], report["consistency"]["all"]
+    typer.echo(f"reward: {report['answers']} answers scored by the {cfg.reward.judge.kind} judge in "
+               f"{report['wall_seconds']:.0f} s; mean reward {_num(mean['reward'])}, instruction "
+               f"{_num(mean['instruction'])}; agreement {cons['agreement']:.1%}, valid JSON {cons['valid_rate']:.1%}; "
+               f"{cfg.reward.dataset}")
+
+
+@app.command()
+def rl(params: Path = ParamsOption) -> None:
+    """RL on top of the SFT adapter (TRL RLOO or GRPO); the same command resumes an interrupted run."""
+    from lingtune.train.rl import run_rl
+
+    cfg = _params(params)
+    m = run_rl(cfg)
+    cons = m["consistency"]
+    change = cons["change"]["all"] if cons["change"] else None
+    typer.echo(f"rl done: {m['steps']} {m['algorithm']} steps in {m['train_seconds_this_run']:.0f} s, reward "
+               f"{_num(m['first_reward'])} -> {_num(m['last_reward'])}; agreement {cons['after']['all']['agreement']:.1%}"
+               + (f" ({change['agreement']:+.1%} vs SFT)" if change else "") + f"; adapter in {cfg.rl.out_dir}")
+
+
+@app.command()
+def quantize(params: Path = ParamsOption) -> None:
+    """DVC stage: merge the RL (else SFT) adapter and quantize to INT4 W4A16 (llm-compressor, own env)."""
+    from lingtune.quantize import run_quantize
+
+    cfg = _params(params)
+    card = run_quantize(cfg)
+    typer.echo(f"int4 ({card['method']}, group {card['group_size']}) of {card['source']} in {cfg.quantize.out_dir}; "
+               f"quantized in {card['quantize_seconds']:.0f} s ({card['stage_seconds']:.0f} s with the merge)")
+
+
+@app.command()
+def register(params: Path = ParamsOption) -> None:
+    """DVC stage: register every variant in the MLflow model registry, set @candidate, run the promotion gate."""
+    from lingtune.register import run_register
+
+    result = run_register(_params(params))
+    listed = ", ".join(f"{v} v{n}" for v, n in result["versions"].items())
+    typer.echo(f"registered {result['model']}: {listed}; @candidate = {result['candidate']}")
+    typer.echo(("promoted: " if result["promoted"] else "not promoted: ") + result["reason"])
+
+
+@app.command()
+def promote(
+    version: Optional[str] = typer.Option(None, "--version", help="version to promote (default: @candidate)"),
+    force: bool = typer.Option(False, "--force", help="skip the gate (a deliberate manual promotion)"),
+    params: Path = ParamsOption,
+) -> None:
+    """Move @champion to a version when it beats the champion by register.margin (or always, with --force)."""
+    from lingtune.register import promote as run_promote
+
+    decision = run_promote(_params(params), version, force)
+    typer.echo(("promoted: " if decision.promoted else "not promoted: ") + decision.reason)
+
+
+@app.command()
+def serve(
+    port: Optional[int] = typer.Option(None, "--port", help="override serve.port"),
+    params: Path = ParamsOption,
+) -> None:
+    """Serve the model: `bentoml serve` of bentofile.yaml (OpenAI routes + /v1/sentiment, /v1/ner)."""
+    import os
+
+    cfg = _params(params).serve  # bad params fail here, before bentoml starts
+    env = {**os.environ, "LINGTUNE_PARAMS": str(params.resolve())}
+    argv = [sys.executable, "-m", "bentoml", "serve", "lingtune.serve.service:LingTune",
+            "--port", str(port or cfg.port), "--host", cfg.host]
+    os.execve(sys.executable, argv, env)
+
+
 @app.command("eval")
 def eval_file(
     data: Path = typer.Option(..., "--data", help="file in the neutral format"),
     task: str = typer.Option(..., "--task", help="sentiment | ner"),
-    model: Optional[str] = typer.Option(None, "--model", help="model folder or LoRA adapter (default: models/sft)"),
+    model: Optional[str] = typer.Option(None, "--model", help="model folder, LoRA adapter or models:/name@alias "
+                                        "(default: the registry's champion, else the latest trained variant)"),
     free: bool = typer.Option(False, "--free", help="free decoding instead of constrained"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     params: Path = ParamsOption,
@@ -98,10 +184,12 @@ def eval_file(
     """Evaluate a model on any file: sentiment accuracy/macro-F1 or NER strict-span P/R/F1."""
     from lingtune.data.formats import read_jsonl
     from lingtune.data.overlap import overlap_report
-    from lingtune.evaluate.run import evaluate_file, resolve_model
+    from lingtune.evaluate.run import default_model, evaluate_file, resolve_model
 
     cfg = _params(params)
-    ref = resolve_model(model, cfg.backbone.out_dir, cfg.sft.out_dir)
+    model = model or default_model(cfg)
+    typer.echo(f"model: {model}", err=True)
+    ref = resolve_model(model, cfg.backbone.out_dir, cfg.sft.out_dir, cfg.tracking.uri, cfg.register_.cache_dir)
     train = Path(cfg.data.out_dir) / "train.jsonl"
     if train.is_file():
         report = overlap_report(read_jsonl(train), read_jsonl(data, task=task))
@@ -173,8 +261,10 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from lingtune.data.formats import FormatError
     from lingtune.data.prepare import PrepareError
     from lingtune.data.validate import ValidationFailed
+    from lingtune.judge import JudgeError
+    from lingtune.quantize import QuantizeError
 
-    return (BackboneError, CorpusError, FormatError, PrepareError, ValidationFailed, ValueError, OSError)
+    return (BackboneError, CorpusError, FormatError, PrepareError, ValidationFailed, JudgeError, QuantizeError, ValueError, OSError)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

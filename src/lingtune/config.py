@@ -163,6 +163,12 @@ class SFTConfig(_Section):
         return self
 
 
+FULL_BASELINE_OVERRIDES = {
+    "out_dir": "models/sft_full", "checkpoint_dir": "models/sft_full_checkpoints",
+    "metrics": "reports/sft_full.json", "loss_curve": "reports/sft_full_loss.csv",
+}
+
+
 class EvaluateConfig(_Section):
     constrained: bool = True
     """Constrained decoding (choice for sentiment, the answer format's regex for NER)."""
@@ -173,6 +179,163 @@ class EvaluateConfig(_Section):
     out_dir: str = "reports/eval"
 
 
+class JudgeConfig(_Section):
+    kind: Literal["rubric", "openai"] = "rubric"
+    """`rubric`: offline, scores the answer's form itself (lingtune.judge). `openai`: an LLM behind any
+    OpenAI-compatible endpoint (OpenAI, vLLM, lingtune's own server)."""
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-3.5-turbo"
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable that holds the key; the key itself never goes into params,
+    logs, MLflow or DVC files."""
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    """Retries with exponential backoff and jitter (the openai client's own) on timeouts, 408/409/429/5xx."""
+    concurrency: int = Field(4, ge=1)
+    max_tokens: int = Field(16, ge=1)
+    cache_dir: str = ".cache/judge"
+    """On-disk cache, one file per request hash: the same question is never paid for twice."""
+    usd_per_million_input: float = Field(0.0, ge=0.0)
+    usd_per_million_output: float = Field(0.0, ge=0.0)
+
+
+class RewardWeights(_Section):
+    sentiment: float = Field(0.5, ge=0.0)
+    ner: float = Field(0.3, ge=0.0)
+    instruction: float = Field(0.2, ge=0.0)
+
+
+class RewardConfig(_Section):
+    judge: JudgeConfig = JudgeConfig()
+    weights_start: RewardWeights = RewardWeights()
+    weights_end: RewardWeights = RewardWeights(sentiment=0.4, ner=0.4, instruction=0.2)
+    """Weights move linearly from start to end over the RL run (the dynamic ratio)."""
+    ner_metric: Literal["recall", "f1"] = "recall"
+    clip: tuple[float, float] = (0.0, 1.0)
+    """Range the weighted reward is clipped to before the KL penalty and the baseline (TRL reward_clip_range)."""
+    prompts_per_task: int = Field(16, ge=1)
+    """Prompts per task from the validation split, for the reward stage and the consistency check."""
+    samples: int = Field(4, ge=2)
+    """Answers sampled per prompt; consistency = agreement among them."""
+    temperature: float = Field(1.0, gt=0.0)
+    max_new_tokens: int = Field(96, ge=8)
+    threads: int = Field(2, ge=0)
+    dataset: str = "data/reward/samples.jsonl"
+    report: str = "reports/reward.json"
+
+    @model_validator(mode="after")
+    def _clip(self) -> "RewardConfig":
+        if self.clip[0] >= self.clip[1]:
+            raise ValueError(f"clip must be (low, high) with low < high (got {self.clip})")
+        return self
+
+
+class RLConfig(_Section):
+    algorithm: Literal["rloo", "grpo"] = "rloo"
+    """TRL trainer: RLOO (leave-one-out baseline, default) or GRPO (group-normalised advantages)."""
+    lr: float = Field(2e-5, gt=0.0)
+    max_steps: int = Field(12, ge=1)
+    prompts_per_step: int = Field(2, ge=1)
+    num_generations: int = Field(4, ge=2)
+    max_completion_length: int = Field(96, ge=8)
+    temperature: float = Field(1.0, gt=0.0)
+    beta: float = Field(0.05, ge=0.0)
+    """KL coefficient against the reference (a frozen copy of the SFT adapter)."""
+    epsilon: float = Field(0.2, gt=0.0)
+    """PPO-style ratio clipping of the surrogate objective."""
+    max_prompts: int = Field(0, ge=0)
+    """Training prompts drawn from data/processed/train.jsonl; 0 = all."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: bf16 autocast (TRL's `bf16=True`) over float32 weights."""
+    threads: int = Field(2, ge=0)
+    save_steps: int = Field(5, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    sft_dir: str = "models/sft"
+    out_dir: str = "models/rl"
+    checkpoint_dir: str = "models/rl_checkpoints"
+    metrics: str = "reports/rl.json"
+
+
+class ServeConfig(_Section):
+    """`bentoml serve`: vLLM's OpenAI routes plus /v1/sentiment and /v1/ner (lingtune.serve)."""
+
+    model: str = "models/backbone"
+    """A model folder, a LoRA adapter folder (served on its base), or `models:/name@alias`."""
+    served_model_name: str = "lingtune"
+    """The `model` name of the base model in requests (an adapter given as `model` takes this name)."""
+    adapters: dict[str, str] = {"sft": "models/sft", "rl": "models/rl"}
+    """Multi-LoRA: request `model` name -> adapter folder; folders that do not exist are skipped."""
+    task_model: str = "sft"
+    """Default `model` of the task endpoints; the base model if that adapter is not loaded."""
+    api_key_env: str = "LINGTUNE_API_KEY"
+    """Name of the environment variable holding the Bearer key; unset or empty = no key."""
+    host: str = "0.0.0.0"
+    port: int = Field(3000, ge=1, le=65535)
+    max_tokens: int = Field(512, ge=1)
+    """Upper bound on a request's max_tokens / max_completion_tokens."""
+    max_prompt_chars: int = Field(4000, ge=1)
+    """Upper bound on the characters of one prompt (all messages together) or one task text."""
+    max_batch: int = Field(32, ge=1)
+    """Upper bound on texts per task request, prompts per completion request, and `n`."""
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_tokens_ner: int = Field(256, ge=16)
+    max_model_len: int = Field(1024, ge=64)
+    max_num_seqs: int = Field(64, ge=1)
+    """Sequences the engine batches together."""
+    max_lora_rank: int = Field(16, ge=1)
+    kv_cache_gb: int = Field(2, ge=1)
+    """VLLM_CPU_KVCACHE_SPACE."""
+    enforce_eager: bool = True
+    prefix_caching: bool = True
+    """Reuse the KV cache of the shared prompt template across requests."""
+    preload: bool = True
+    """LD_PRELOAD tcmalloc and Intel OpenMP (when found) into the engine process."""
+    timeout_s: int = Field(300, ge=1)
+
+
+
+class QuantizeConfig(_Section):
+    """INT4 W4A16 (compressed-tensors) of the merged model, with llm-compressor in its own env."""
+
+    sources: list[str] = ["models/rl", "models/sft"]
+    """Folders tried in order (LoRA adapter or full model); the first that exists is quantized."""
+    method: Literal["gptq", "rtn"] = "gptq"
+    """`gptq`: error-correcting, needs calibration text; `rtn`: round to nearest, seconds, no data."""
+    group_size: int = Field(128, ge=8)
+    """Weights per scale along the input dimension; must divide every Linear layer's input width."""
+    calibration_samples: int = Field(32, ge=1)
+    """Training-split examples (chat prompt + answer, as trained) that GPTQ calibrates on."""
+    max_seq_len: int = Field(256, ge=16)
+    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+    threads: int = Field(1, ge=1)
+    """OMP threads of the worker. Measured: GPTQ on 2 threads did not finish in 7 min, on 1: 35 s."""
+    env_dir: str = ".venv-quant"
+    """llm-compressor's own virtualenv, created on first use (it cannot live beside vllm-cpu)."""
+    env_requirements: str = "requirements/quantize-constraints.txt"
+    out_dir: str = "models/int4"
+
+
+class RegisterConfig(_Section):
+    """MLflow model registry: every variant registered, aliases set, a gate promotes the champion."""
+
+    model_name: str = "lingtune"
+    variants: dict[str, str] = {"sft": "models/sft", "rl": "models/rl", "int4": "models/int4"}
+    """Variant name (as in reports/eval/metrics.json) -> folder; folders that do not exist are skipped."""
+    candidate: str = "best"
+    """Variant that gets the candidate alias: a name from `variants`, or `best` (highest gate score)."""
+    gate_metrics: list[str] = ["sentiment.macro_f1", "ner.f1"]
+    """Keys of reports/eval/metrics.json; the gate score is their mean."""
+    margin: float = Field(0.005, ge=0.0)
+    """The candidate becomes champion only if its score beats the champion's by more than this."""
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    eval_metrics: str = "reports/eval/metrics.json"
+    cache_dir: str = ".cache/registry"
+    """Where `models:/name@alias` is downloaded to when a stage or `lingtune eval` loads it."""
+    report: str = "reports/register.json"
+    """Versions, candidate and the gate's decision of the last `lingtune register` (a DVC metric)."""
+
+
 class Params(_Section):
     seed: int = 42
     tracking: TrackingConfig = TrackingConfig()
@@ -181,8 +344,29 @@ class Params(_Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     sft: SFTConfig = SFTConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    reward: RewardConfig = RewardConfig()
+    rl: RLConfig = RLConfig()
+    sft_full: SFTConfig = SFTConfig(method="full", **FULL_BASELINE_OVERRIDES)
+    """The full-parameter baseline: `sft` with the keys given under `sft_full` replaced."""
+    serve: ServeConfig = ServeConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")  # `register` is an ABC method
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _full_baseline_inherits_sft(cls, raw: object) -> object:
+        # One recipe, two variants: the baseline trains on the same data, steps and batch as the
+        # LoRA run unless `sft_full` says otherwise, so the comparison stays like for like.
+        if not isinstance(raw, dict):
+            return raw
+        base, overrides = raw.get("sft") or {}, raw.get("sft_full") or {}
+        if not isinstance(base, dict) or not isinstance(overrides, dict):
+            return raw
+        merged = {**base, "method": "full", "quantization": "none", **FULL_BASELINE_OVERRIDES, **overrides}
+        merged.pop("lora", None)
+        return {**raw, "sft_full": merged}
 
 
 def _describe(error: dict) -> str:

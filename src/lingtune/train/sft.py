@@ -202,13 +202,18 @@ def write_metrics(path: Path, metrics: dict) -> None:
     path.write_text(json.dumps(metrics, indent=2))
 
 
-def fingerprint(params, data_sha: str) -> str:
-    """What a checkpoint belongs to: the sft config, seed, backbone, training data and the training
-    code itself (a changed recipe must retrain, not resume a finished run of the old one)."""
+RECIPE_CODE = ("train/sft.py", "train/loader.py", "data/prompts.py")
+"""The code that decides what a training step computes: a change here must retrain, not resume."""
+
+
+def fingerprint(params, cfg: SFTConfig, data_sha: str) -> str:
+    """What a checkpoint belongs to: the variant's config, seed, backbone, training data and the
+    training code itself (a changed recipe must retrain, not resume a finished run of the old one)."""
     import hashlib
 
-    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))))
-    blob = json.dumps({"sft": params.sft.model_dump(exclude={"checkpoint_every_n_steps", "metrics", "loss_curve"}),
+    package = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256(b"".join((package / name).read_bytes() for name in RECIPE_CODE))
+    blob = json.dumps({"sft": cfg.model_dump(exclude={"checkpoint_every_n_steps", "metrics", "loss_curve"}),
                        "seed": params.seed, "backbone": params.backbone.model_dump(), "data": data_sha,
                        "code": code.hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -264,19 +269,19 @@ def build_trainer(cfg: SFTConfig, logger, ckpt_dir: Path) -> pl.Trainer:
     )
 
 
-def run_sft(params) -> dict:
-    """DVC stage `sft`: the same command starts a run or resumes the last one."""
+def run_sft(params, full_baseline: bool = False) -> dict:
+    """DVC stage `sft` (`sft_full` with full_baseline): the same command starts a run or resumes the last one."""
     from pytorch_lightning.loggers import MLFlowLogger
 
     from lingtune.backbone import sha256_file
 
-    cfg, data_dir = params.sft, Path(params.data.out_dir)
+    cfg, data_dir = (params.sft_full if full_baseline else params.sft), Path(params.data.out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(params.seed, workers=True, verbose=False)
     tokenizer, train_set, val_set = load_data(params.backbone.out_dir, data_dir, cfg.max_seq_len)
     data_sha = sha256_file(data_dir / "train.jsonl")
-    ckpt_dir, stamp = Path(cfg.checkpoint_dir), fingerprint(params, data_sha)
+    ckpt_dir, stamp = Path(cfg.checkpoint_dir), fingerprint(params, cfg, data_sha)
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     run_id = prepare_checkpoint_dir(ckpt_dir, print, stamp) if rank == 0 else None
     logger = MLFlowLogger(experiment_name=params.tracking.experiment, tracking_uri=params.tracking.uri,

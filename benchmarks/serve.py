@@ -1,0 +1,278 @@
+"""Load benchmark of the serving stack against the machine's ceiling and a naive baseline.
+
+In one run: (1) the peak bf16 matmul FLOP/s of this machine; (2) the lingtune service
+(`bentoml serve`, vLLM) started from params.yaml, then one client in sequence (latency), then C
+concurrent clients with the official `openai` async client sending sentiment and/or NER requests
+from the test split (chat completions in the trained prompt, constrained like /v1/sentiment);
+optionally a soak (64 clients x 60 s); (3) the same load against benchmarks/naive_server.py
+(FastAPI + transformers generate, one request at a time, same model). FLOPs of a request:
+2 x non-embedding parameters x (prompt + output tokens) + 2 x LM-head parameters x output tokens,
+every prompt token counted (prefix caching can push roofline_fraction past 1).
+
+Usage: python benchmarks/serve.py [--clients 16] [--requests 400] [--task sentiment|ner|mix]
+       [--model lingtune] [--soak] [--naive-requests 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lingtune.config import load_params  # noqa: E402
+from lingtune.data.formats import read_jsonl  # noqa: E402
+from lingtune.data.prompts import user_prompt  # noqa: E402
+from lingtune.evaluate.engine import NER_REGEX, SENTIMENT_CHOICES  # noqa: E402
+
+
+def peak_flops(seconds: float = 3.0, n: int = 2048) -> float:
+    """bf16 matmul FLOP/s with all cores: the ceiling every request shares."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - started)
+
+
+def parameter_counts(model_dir: Path) -> tuple[int, int]:
+    """(non-embedding parameters, LM-head parameters) from the safetensors headers (no loading)."""
+    from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config.get("text_config", config)
+    total = embed = head = 0
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, "np") as f:
+            for name in f.keys():
+                numel = 1
+                for dim in f.get_slice(name).get_shape():
+                    numel *= dim
+                total += numel
+                embed += numel if "embed_tokens" in name else 0
+                head += numel if "lm_head" in name else 0
+    return total - embed - head, head or text["vocab_size"] * text["hidden_size"]
+
+
+def workload(data: Path, task: str, max_tokens_ner: int) -> list[dict]:
+    tasks = ["sentiment", "ner"] if task == "mix" else [task]
+    per_task = [read_jsonl(data, task=t) for t in tasks]
+    items = []
+    for row in zip(*per_task):
+        for record in row:
+            rule = {"choice": SENTIMENT_CHOICES} if record.task == "sentiment" else {"regex": NER_REGEX}
+            items.append({"messages": [{"role": "user", "content": user_prompt(record.task, record.text)}],
+                          "max_tokens": 16 if record.task == "sentiment" else max_tokens_ner,
+                          "extra_body": {"structured_outputs": rule}})
+    return items
+
+
+async def load(url: str, model: str, items: list[dict], clients: int, count: int | None = None,
+               duration: float | None = None, api_key: str = "none", max_new: int | None = None) -> dict:
+    """C clients, each sending its next request when the previous one is answered."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=600)
+    results, issued = [], 0
+    deadline = time.perf_counter() + duration if duration else None
+
+    async def one_client():
+        nonlocal issued
+        while (count is None or issued < count) and (deadline is None or time.perf_counter() < deadline):
+            item = items[issued % len(items)]
+            issued += 1
+            started = time.perf_counter()
+            try:
+                reply = await client.chat.completions.create(
+                    model=model, messages=item["messages"], temperature=0, extra_body=item["extra_body"],
+                    max_tokens=max_new or item["max_tokens"])
+                results.append((time.perf_counter() - started, reply.usage.prompt_tokens, reply.usage.completion_tokens))
+            except openai.OpenAIError as exc:
+                results.append((time.perf_counter() - started, None, repr(exc)))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    await client.close()
+    summary = summarize(results, wall, clients)
+    print(f"{url} {clients} clients: {json.dumps(summary)}", file=sys.stderr, flush=True)  # progress
+    return summary
+
+
+def summarize(results: list[tuple], wall: float, clients: int) -> dict:
+    ok = sorted(r[0] for r in results if r[1] is not None)
+    errors = [r[2] for r in results if r[1] is None]
+
+    def pct(q: float) -> float:
+        return round(1000 * ok[min(len(ok) - 1, int(q * len(ok)))], 1) if ok else float("nan")
+
+    prompt = sum(r[1] for r in results if r[1] is not None)
+    output = sum(r[2] for r in results if r[1] is not None)
+    return {"clients": clients, "requests": len(results), "errors": len(errors), "error_examples": errors[:3],
+            "seconds": round(wall, 2), "req_per_s": round(len(ok) / wall, 3),
+            "mean_latency_ms": round(1000 * sum(ok) / len(ok), 1) if ok else float("nan"),
+            "p50_latency_ms": pct(0.5), "p95_latency_ms": pct(0.95), "p99_latency_ms": pct(0.99),
+            "output_tok_per_s": round(output / wall, 1),
+            "mean_prompt_tokens": round(prompt / max(1, len(ok)), 1),
+            "mean_output_tokens": round(output / max(1, len(ok)), 2)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, seconds: int = 600) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: server exited with {proc.returncode} (see its log above)")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"error: {url} not ready in {seconds} s")
+
+
+def start_service(params_path: Path, overrides: dict, log) -> tuple[subprocess.Popen, str]:
+    raw = yaml.safe_load(params_path.read_text()) or {}
+    port = _free_port()
+    raw["serve"] = {**raw.get("serve", {}), **overrides, "host": "127.0.0.1", "port": port}
+    tmp = Path(tempfile.mkdtemp(prefix="lingtune-bench-")) / "params.yaml"
+    tmp.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    env = {**os.environ, "LINGTUNE_PARAMS": str(tmp)}
+    env.pop(load_params(tmp).serve.api_key_env, None)
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "lingtune.serve.service:LingTune"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    _wait(f"{url}/readyz", proc)
+    return proc, url
+
+
+def start_naive(model_dir: Path, adapter: Path | None, log, threads: int = 0) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "naive_server.py"), str(model_dir), str(port),
+           "--threads", str(threads)]
+    proc = subprocess.Popen(cmd + (["--adapter", str(adapter)] if adapter else []), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    _wait(f"{url}/health", proc)
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run(args) -> dict:
+    from lingtune.config import parse_params
+    from lingtune.serve.runtime import resolve_plan
+
+    params = load_params(args.params)
+    raw = yaml.safe_load(Path(args.params).read_text()) or {}
+    overrides = {"preload": not args.no_preload, **({"model": args.serve_model} if args.serve_model else {})}
+    plan = resolve_plan(parse_params({**raw, "serve": {**raw.get("serve", {}), **overrides}}))
+    model = args.model or plan.base_name
+    items = workload(Path(args.data), args.task, params.serve.max_tokens_ner)
+    log = sys.stderr if args.verbose else open(os.devnull, "w")
+    report = {"task": args.task, "model": model, "base": str(plan.base), "preload": not args.no_preload}
+    report["load_average_at_start"] = os.getloadavg()[0]  # other processes share these cores: read with care
+    report["peak_flops"] = peak_flops()
+    non_embedding, head = parameter_counts(plan.base)
+    proc, url = start_service(Path(args.params), overrides, log)
+    try:
+        asyncio.run(load(url, model, items, args.clients, count=2 * args.clients))  # warm-up: prefix cache, pools
+        single = asyncio.run(load(url, model, items, 1, count=args.single_requests))
+        if args.duration:
+            main = asyncio.run(load(url, model, items, args.clients, duration=args.duration))
+        else:
+            main = asyncio.run(load(url, model, items, args.clients, count=args.requests))
+        soak = asyncio.run(load(url, model, items, 64, duration=60)) if args.soak else None
+    finally:
+        stop(proc)
+    flops = 2 * non_embedding * (main["mean_prompt_tokens"] + main["mean_output_tokens"]) + \
+        2 * head * main["mean_output_tokens"]
+    report.update(main)
+    report.update({"single_client_latency_ms": single["mean_latency_ms"], "flops_per_request": flops,
+                   "roofline_req_per_s": round(report["peak_flops"] / flops, 2),
+                   "roofline_fraction": round(main["req_per_s"] * flops / report["peak_flops"], 3), "soak": soak})
+    if args.naive_requests:
+        adapter = plan.adapters.get(model)
+        proc, url = start_naive(plan.base, adapter, log, args.naive_threads)
+        try:
+            max_new = max(1, round(main["mean_output_tokens"]))  # the same work per request as the service did
+            naive = asyncio.run(load(url, model, items, args.clients, count=args.naive_requests, max_new=max_new))
+        finally:
+            stop(proc)
+        report["naive"] = naive
+        report["speedup_vs_naive"] = round(main["req_per_s"] / naive["req_per_s"], 2) if naive["req_per_s"] else None
+    report["load_average_at_end"] = os.getloadavg()[0]
+    return report
+
+
+def table(r: dict) -> str:
+    rows = [("service", r), ("naive baseline", r.get("naive")), ("soak (64 clients x 60 s)", r.get("soak"))]
+    lines = ["| run | clients | requests | errors | req/s | mean ms | p50 ms | p95 ms | p99 ms | output tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {m['clients']} | {m['requests']} | {m['errors']} | {m['req_per_s']:.2f} | "
+              f"{m['mean_latency_ms']:.0f} | {m['p50_latency_ms']:.0f} | {m['p95_latency_ms']:.0f} | "
+              f"{m['p99_latency_ms']:.0f} | {m['output_tok_per_s']:.0f} |" for name, m in rows if m]
+    lines.append(f"\npeak bf16 matmul {r['peak_flops'] / 1e9:.0f} GFLOP/s; {r['flops_per_request'] / 1e9:.2f} "
+                 f"GFLOP/request -> ceiling {r['roofline_req_per_s']:.1f} req/s; roofline_fraction "
+                 f"{r['roofline_fraction']:.2f}; single-client mean {r['single_client_latency_ms']:.0f} ms; "
+                 f"speed-up vs naive {r.get('speedup_vs_naive')}; load average {r['load_average_at_start']:.1f} at start, "
+                 f"{r['load_average_at_end']:.1f} at end")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--data", default=str(ROOT / "data" / "processed" / "test.jsonl"))
+    parser.add_argument("--task", choices=("sentiment", "ner", "mix"), default="sentiment")
+    parser.add_argument("--model", help="`model` name to request (default: the base model)")
+    parser.add_argument("--serve-model", help="override serve.model (a folder or models:/name@alias)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--duration", type=float, help="seconds of load instead of --requests")
+    parser.add_argument("--single-requests", type=int, default=20)
+    parser.add_argument("--naive-requests", type=int, default=32, help="0 skips the naive baseline")
+    parser.add_argument("--naive-threads", type=int, default=0, help="torch threads of the naive server (0: default)")
+    parser.add_argument("--soak", action="store_true", help="also 64 clients x 60 s")
+    parser.add_argument("--no-preload", action="store_true", help="serve.preload false (vLLM's own libgomp)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="server logs to stderr")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers started here are stopped
+    report = run(args)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

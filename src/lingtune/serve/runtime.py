@@ -1,0 +1,91 @@
+"""What the served engine is: the model and adapters from `serve:` in params.yaml, the CPU
+environment vLLM wants, and vLLM's own server arguments (parsed by vLLM's parser, so every
+attribute its app expects exists)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lingtune.config import Params, ServeConfig
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """The resolved model: base folder, the name it answers to, and LoRA adapters by name."""
+
+    base: Path
+    base_name: str
+    adapters: dict[str, Path] = field(default_factory=dict)
+    task_model: str = ""
+    skipped: tuple[str, ...] = ()
+
+
+def resolve_plan(params: Params) -> ServePlan:
+    """Resolve `serve.model` (folder, adapter folder or models:/ URI) and the adapters that exist."""
+    from lingtune.evaluate.run import resolve_model
+
+    cfg = params.serve
+    ref = resolve_model(cfg.model, params.backbone.out_dir, cfg.model, tracking_uri=params.tracking.uri,
+                        cache_dir=params.register_.cache_dir)
+    adapters: dict[str, Path] = {}
+    base_name = cfg.served_model_name
+    if ref.adapter is not None:  # an adapter as the model: it takes the served name, the base `<name>-base`
+        adapters[cfg.served_model_name] = Path(ref.adapter)
+        base_name = f"{cfg.served_model_name}-base"
+    skipped = []
+    for name, folder in cfg.adapters.items():
+        if (Path(folder) / "adapter_config.json").is_file():
+            adapters.setdefault(name, Path(folder))
+        else:
+            skipped.append(f"{name} ({folder}: no adapter_config.json)")
+    task_model = cfg.task_model if cfg.task_model in adapters or cfg.task_model == base_name else (
+        cfg.served_model_name if cfg.served_model_name in adapters else base_name)
+    return ServePlan(Path(ref.base), base_name, adapters, task_model, tuple(skipped))
+
+
+def preload_libraries() -> list[str]:
+    """tcmalloc and Intel OpenMP, where the venv or the system has them (vLLM's CPU guide asks for
+    both; without them vLLM preloads torch's libgomp itself)."""
+    roots = [os.path.join(sys.prefix, "lib"), "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"]
+    found = []
+    for patterns in (("libtcmalloc_minimal.so*", "libtcmalloc.so*"), ("libiomp5.so",)):
+        hits = [h for p in patterns for root in roots for h in sorted(glob.glob(os.path.join(root, p)))]
+        found += hits[:1]
+    return found
+
+
+def prepare_environment(cfg: ServeConfig) -> None:
+    """Environment of the engine process. vLLM starts its engine core with `spawn` on CPU, so what
+    is set here (LD_PRELOAD included) takes effect there, where the model runs."""
+    from lingtune.env import apply_offline_defaults
+
+    apply_offline_defaults()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the engine loop must not share the API's core
+    if cfg.preload and "LD_PRELOAD" not in os.environ:
+        libs = preload_libraries()
+        if libs:
+            os.environ["LD_PRELOAD"] = ":".join(libs)
+
+
+def vllm_args(cfg: ServeConfig, plan: ServePlan) -> Namespace:
+    """The arguments `vllm serve` would parse for this plan."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = ["--model", str(plan.base), "--served-model-name", plan.base_name,
+            "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", str(cfg.max_num_seqs),
+            "--seed", "0", "--disable-uvicorn-access-log", "--disable-log-stats"]
+    argv += ["--enforce-eager"] if cfg.enforce_eager else []
+    argv += ["--enable-prefix-caching"] if cfg.prefix_caching else ["--no-enable-prefix-caching"]
+    if plan.adapters:
+        argv += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(len(plan.adapters)),
+                 "--lora-modules", *(f"{name}={path}" for name, path in plan.adapters.items())]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args

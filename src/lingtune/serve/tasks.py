@@ -1,0 +1,122 @@
+"""POST /v1/sentiment and /v1/ner: the trained prompt, constrained decoding in the trained answer
+format (so every answer parses), and validated JSON back: a label, or entities with character
+offsets (lingtune.data.prompts.locate_entities). Runs on the same vLLM engine as the OpenAI routes,
+so task requests and chat requests are batched together."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lingtune.data.prompts import locate_entities, parse_answer, user_prompt
+from lingtune.evaluate.engine import NER_REGEX, SENTIMENT_CHOICES
+
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    default_model: str
+    max_tokens_ner: int
+
+
+class TaskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, min_length=1)
+    texts: list[str] | None = Field(None, min_length=1)
+    model: str | None = None
+    """Base model or adapter name (see /v1/models); the server's task_model by default."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "TaskRequest":
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of `text` or `texts`")
+        if self.texts is not None and not all(t.strip() for t in self.texts):
+            raise ValueError("`texts` holds an empty text")
+        return self
+
+
+class Entity(BaseModel):
+    text: str
+    type: str
+    start: int
+    end: int
+
+
+class TaskResult(BaseModel):
+    label: str | None = None
+    entities: list[Entity] | None = None
+    unlocated: list[dict] | None = None
+    """NER answers whose text is not in the input (no offsets to give)."""
+    error: str | None = None
+    """Only when the answer did not parse (cut off by max_tokens)."""
+
+
+def sampling(task: str, settings: TaskSettings):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if task == "sentiment":
+        return SamplingParams(temperature=0, max_tokens=32, structured_outputs=StructuredOutputsParams(
+            choice=SENTIMENT_CHOICES))
+    return SamplingParams(temperature=0, max_tokens=settings.max_tokens_ner,
+                          structured_outputs=StructuredOutputsParams(regex=NER_REGEX))
+
+
+def to_result(task: str, text: str, answer: str) -> TaskResult:
+    parsed = parse_answer(task, answer)
+    if not parsed.valid:
+        return TaskResult(error=f"the answer did not parse ({parsed.error}): {answer[:200]!r}")
+    if task == "sentiment":
+        return TaskResult(label=parsed.label)
+    located, unlocated = locate_entities(text, parsed.entities)
+    return TaskResult(entities=[Entity(text=e.text, type=e.type, start=e.start, end=e.end) for e in located],
+                      unlocated=[{"text": t, "type": k} for t, k in unlocated])
+
+
+async def _lora(state, name: str):
+    models = state.openai_serving_models
+    if models.is_base_model(name):
+        return None
+    if name in models.lora_requests:
+        return models.lora_requests[name]
+    known = [card.id for card in (await models.show_available_models()).data]
+    raise HTTPException(404, f"unknown model {name!r}; this server has {known}")
+
+
+async def _answer(engine, tokenizer, task: str, text: str, params, lora) -> str:
+    messages = [{"role": "user", "content": user_prompt(task, text)}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    final = None
+    async for output in engine.generate(prompt, params, f"{task}-{uuid.uuid4().hex}", lora_request=lora):
+        final = output
+    return final.outputs[0].text
+
+
+async def run_task(task: str, body: TaskRequest, request: Request):
+    state = request.app.state
+    settings: TaskSettings = state.lingtune_tasks
+    lora = await _lora(state, body.model or settings.default_model)
+    engine = state.engine_client
+    tokenizer = engine.get_tokenizer()
+    texts = [body.text] if body.text is not None else body.texts
+    params = sampling(task, settings)
+    answers = await asyncio.gather(*(_answer(engine, tokenizer, task, t, params, lora) for t in texts))
+    results = [to_result(task, t, a).model_dump(exclude_none=True) for t, a in zip(texts, answers)]
+    return results[0] if body.text is not None else {"results": results}
+
+
+@router.post("/v1/sentiment")
+async def sentiment(body: TaskRequest, request: Request):
+    """`{"text": "..."}` -> `{"label": "positive"}`; `{"texts": [...]}` -> `{"results": [...]}`."""
+    return await run_task("sentiment", body, request)
+
+
+@router.post("/v1/ner")
+async def ner(body: TaskRequest, request: Request):
+    """`{"text": "..."}` -> `{"entities": [{"text", "type", "start", "end"}], "unlocated": [...]}`."""
+    return await run_task("ner", body, request)

@@ -1,0 +1,252 @@
+"""RL stage: TRL RLOO (or GRPO) on top of the SFT LoRA adapter, with lingtune's weighted rewards.
+
+Features and their cost:
+* Policy: the backbone with the SFT adapter loaded trainable (`PeftModel.from_pretrained(...,
+  is_trainable=True)`); only the adapter trains and only it is saved (`models/rl/`, same base as
+  `models/sft/`, so the evaluation stage loads it as one more LoRA variant).
+* Reference: for a PEFT policy that already carries an adapter, TRL (1.16, peft >= 0.20) copies it into a
+  frozen adapter named "ref" and computes reference log-probs with it: the KL term (`rl.beta`) keeps
+  the policy near the SFT model, not near the bare backbone.
+* Objective (RLOO): k = `rl.num_generations` sampled answers per prompt; reward = weighted components
+  (lingtune.train.rewards) clipped to `reward.clip`, minus beta x the sequence KL to the reference;
+  advantage = reward - mean reward of the other k-1 answers (leave-one-out baseline); loss = PPO-style
+  clipped surrogate (`rl.epsilon`). GRPO (`rl.algorithm: grpo`) uses group-normalised advantages and a
+  per-token KL in the loss instead, and has no reward clipping.
+* Prompts: the training split, rendered with the chat template exactly as in SFT (TRL applies the
+  tokenizer's template to conversational prompts, without adding a second BOS).
+* CPU: float32, no autocast (`bf16=False`; TRL would default to bf16), no gradient checkpointing.
+* Fault tolerance: checkpoints every `rl.save_steps` in `rl.checkpoint_dir`; the same command resumes
+  from the last one (`trainer.train(resume_from_checkpoint=...)`) and continues the same MLflow run.
+  Checkpoints of another configuration are dropped, not resumed.
+* Monitoring: TRL's logs go to MLflow (`report_to="mlflow"` inside lingtune's run): reward per component,
+  reward weights, KL, clip ratios, completion lengths, step time.
+* Consistency: agreement of k sampled answers per validation prompt and the valid-JSON rate, after RL,
+  next to the SFT model's (the `reward` stage's report, same prompts, sampler and seed).
+
+Errors: ValueError when the SFT adapter is missing; JudgeError when an OpenAI judge fails after retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lingtune.data.formats import read_jsonl
+from lingtune.data.prompts import user_prompt
+from lingtune.train.rewards import COMPONENTS, make_weight_schedule, reward_functions, weights_at
+from lingtune.train.scoring import (_write_json, consistency_by_task, load_policy, prompt_set,
+                                    sample_answers)
+
+
+def prompt_dataset(path: Path, max_prompts: int, seed: int):
+    """Conversational prompts plus the gold columns the reward functions read."""
+    import random
+
+    from datasets import Dataset
+
+    records = read_jsonl(path)
+    if max_prompts and max_prompts < len(records):
+        records = random.Random(seed).sample(records, max_prompts)
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": user_prompt(r.task, r.text)}], "task": r.task, "text": r.text,
+         "label": r.label, "entities": [e.model_dump() for e in r.entities or ()]} for r in records])
+
+
+def trainer_args(params, output_dir: str):
+    """RLOOConfig / GRPOConfig from params.rl and params.reward."""
+    from trl import GRPOConfig, RLOOConfig
+
+    cfg, reward = params.rl, params.reward
+    common = dict(
+        output_dir=output_dir, max_steps=cfg.max_steps, learning_rate=cfg.lr, lr_scheduler_type="constant",
+        warmup_steps=0, per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        gradient_accumulation_steps=1, num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
+        epsilon=cfg.epsilon, reward_weights=weights_at(reward.weights_start, reward.weights_end, 0.0),
+        use_cpu=not torch.cuda.is_available(), bf16=cfg.precision == "bf16", gradient_checkpointing=False,
+        disable_dropout=True,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=cfg.logging_steps,
+        report_to=["mlflow"], run_name="rl", seed=params.seed, data_seed=params.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
+    )
+    if cfg.algorithm == "grpo":
+        return GRPOConfig(**common)
+    return RLOOConfig(**common, reward_clip_range=tuple(reward.clip))
+
+
+def make_drop_ref_callback():
+    """Checkpoints keep the trained adapter only. PEFT saves every adapter, the frozen "ref" copy in a
+    sub-folder, and transformers' resume then loads sub-folder adapters only: the trained "default" one
+    at the top would be silently skipped and training would resume from the SFT weights. "ref" is
+    rebuilt from the SFT adapter at start-up anyway."""
+    from transformers import TrainerCallback
+
+    class DropRefAdapter(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            shutil.rmtree(Path(args.output_dir) / f"checkpoint-{state.global_step}" / "ref", ignore_errors=True)
+
+    return DropRefAdapter()
+
+
+def build_trainer(params, model, tokenizer, dataset, judge, output_dir: str):
+    from trl import GRPOTrainer, RLOOTrainer
+
+    trainer_cls = GRPOTrainer if params.rl.algorithm == "grpo" else RLOOTrainer
+    schedule = make_weight_schedule(params.reward)
+    trainer = trainer_cls(model=model, reward_funcs=reward_functions(params.reward, judge),
+                          args=trainer_args(params, output_dir), train_dataset=dataset, processing_class=tokenizer,
+                          callbacks=[schedule, make_drop_ref_callback()])
+    schedule.bind(trainer)
+    return trainer
+
+
+RECIPE_CODE = ("train/rl.py", "train/rewards.py", "train/scoring.py", "judge.py", "data/prompts.py")
+"""The code that decides what an RL step computes: a change here must retrain, not resume."""
+
+
+def fingerprint(params, data_sha: str, sft_sha: str) -> str:
+    """What checkpoints belong to: rl and reward knobs, seed, data, SFT adapter, and the RL code."""
+    package = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256(b"".join((package / name).read_bytes() for name in RECIPE_CODE))
+    skip = {"save_steps", "logging_steps", "metrics", "out_dir", "checkpoint_dir", "threads"}
+    blob = json.dumps({"rl": params.rl.model_dump(exclude=skip), "reward": params.reward.model_dump(),
+                       "seed": params.seed, "data": data_sha, "sft": sft_sha, "code": code.hexdigest()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resume_point(ckpt_dir: Path, stamp: str) -> tuple[str | None, str | None]:
+    """(last checkpoint, MLflow run id) when `ckpt_dir` holds checkpoints of this configuration; else
+    the folder is emptied and (None, None)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    meta = ckpt_dir / "lingtune_run.json"
+    if meta.is_file():
+        saved = json.loads(meta.read_text())
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if saved.get("fingerprint") == stamp and last:
+            print(f"resuming from {last}")
+            return last, saved.get("mlflow_run_id")
+        if saved.get("fingerprint") != stamp:
+            print(f"{ckpt_dir}: checkpoints of another configuration; starting afresh")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    return None, None
+
+
+def save_adapter(model, tokenizer, out_dir: Path) -> None:
+    """The trained adapter only (not TRL's "ref" copy), written atomically."""
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, selected_adapters=["default"], safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+
+
+def _sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _summary(trainer) -> dict:
+    """Means over the logged steps of what TRL reported, plus the first and last reward."""
+    logs = [row for row in trainer.state.log_history if "reward" in row]
+    keys = ["reward", "kl", "clip_ratio/region_mean", "completions/mean_length", "step_time",
+            *[f"rewards/{c}/mean" for c in COMPONENTS]]
+
+    def mean(key: str):
+        values = [row[key] for row in logs if row.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {"logged_steps": len(logs), "first_reward": logs[0]["reward"] if logs else None,
+            "last_reward": logs[-1]["reward"] if logs else None, "mean": {k: mean(k) for k in keys}}
+
+
+def _change(before: dict | None, after: dict) -> dict | None:
+    if not before:
+        return None
+    return {scope: {k: after[scope][k] - before[scope][k] for k in ("agreement", "valid_rate")}
+            for scope in after if scope in before}
+
+
+def measure_consistency(model, tokenizer, params) -> dict:
+    cfg = params.reward
+    records = prompt_set(Path(params.data.out_dir) / "val.jsonl", cfg.prompts_per_task)
+    answers = sample_answers(model, tokenizer, records, cfg.samples, cfg.temperature, cfg.max_new_tokens, params.seed)
+    return consistency_by_task(records, answers)
+
+
+def start_tracking(params, run_id: str | None):
+    """The stage's MLflow run: the interrupted run when resuming, else a new one with every knob as a param.
+    TRL's MLflow callback logs into the active run."""
+    import mlflow
+
+    from lingtune.tracking import flatten, git_commit
+
+    mlflow.set_tracking_uri(params.tracking.uri)
+    mlflow.set_experiment(params.tracking.experiment)
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    tags = {"lingtune.stage": "rl", **({"git_commit": c} if (c := git_commit()) else {})}
+    run = mlflow.start_run(run_name=f"rl-{params.rl.algorithm}", tags=tags)
+    mlflow.log_params(flatten("", {"seed": params.seed, "rl": params.rl.model_dump(),
+                                   "reward": params.reward.model_dump()}))
+    return run
+
+
+def run_rl(params) -> dict:
+    """DVC stage `rl`: the same command starts a run or resumes the last one."""
+    import mlflow
+
+    from lingtune.judge import make_judge
+    from lingtune.tracking import flatten
+
+    cfg = params.rl
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_path = Path(params.data.out_dir) / "train.jsonl"
+    judge = make_judge(params.reward.judge)  # fails fast (missing key) before the model is loaded
+    model, tokenizer = load_policy(cfg.sft_dir, params.backbone.out_dir, trainable=True)
+    ckpt_dir, stamp = Path(cfg.checkpoint_dir), fingerprint(params, _sha(train_path), _sha(Path(cfg.sft_dir)))
+    last, run_id = resume_point(ckpt_dir, stamp)
+    trainer = build_trainer(params, model, tokenizer, prompt_dataset(train_path, cfg.max_prompts, params.seed),
+                            judge, str(ckpt_dir))
+    started = time.time()
+    with start_tracking(params, run_id) as run:
+        (ckpt_dir / "lingtune_run.json").write_text(json.dumps({"fingerprint": stamp, "mlflow_run_id": run.info.run_id}))
+        trainer.train(resume_from_checkpoint=last)
+        train_seconds = time.time() - started
+        save_adapter(trainer.model, tokenizer, Path(cfg.out_dir))
+        metrics = _finish(params, trainer, tokenizer, judge, train_seconds, resumed=last, run_id=run.info.run_id)
+        mlflow.log_metrics({f"final.{k}": v for k, v in flatten("", metrics).items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_artifacts(cfg.out_dir, "adapter")
+    return metrics
+
+
+def _finish(params, trainer, tokenizer, judge, train_seconds: float, resumed: str | None, run_id: str) -> dict:
+    cfg = params.rl
+    started = time.time()
+    after = measure_consistency(trainer.model, tokenizer, params)
+    report = Path(params.reward.report)
+    before = json.loads(report.read_text()).get("consistency") if report.is_file() else None
+    metrics = {
+        "algorithm": cfg.algorithm, "steps": trainer.state.global_step, "resumed_from": resumed,
+        "train_seconds_this_run": round(train_seconds, 1), **_summary(trainer),
+        "judge": {"kind": params.reward.judge.kind, **judge.stats.as_dict()},
+        "consistency": {"before": before, "after": after, "change": _change(before, after),
+                        "before_source": str(report) if before else None,
+                        "seconds": round(time.time() - started, 1)},
+        "mlflow_run_id": run_id,
+    }
+    _write_json(Path(cfg.metrics), metrics)
+    return metrics

