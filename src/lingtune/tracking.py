@@ -29,14 +29,20 @@ def git_commit() -> str | None:
 
 
 @contextmanager
-def stage_run(cfg: TrackingConfig, stage: str, params: dict | None = None, tags: dict | None = None) -> Iterator:
+def stage_run(cfg: TrackingConfig, stage: str, params: dict | None = None, tags: dict | None = None,
+              run_name: str | None = None, run_id: str | None = None) -> Iterator:
+    """A new run of `stage` (params logged), or, with run_id, the interrupted run a resumed stage continues."""
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(cfg.uri)
     mlflow.set_experiment(cfg.experiment)
+    if run_id:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
     all_tags = {"lingtune.stage": stage, **({"git_commit": c} if (c := git_commit()) else {}), **(tags or {})}
-    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+    with mlflow.start_run(run_name=run_name or stage, tags=all_tags) as run:
         if params:
             mlflow.log_params(flatten("", params))
         yield run

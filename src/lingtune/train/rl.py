@@ -188,19 +188,10 @@ def measure_consistency(model, tokenizer, params) -> dict:
 def start_tracking(params, run_id: str | None):
     """The stage's MLflow run: the interrupted run when resuming, else a new one with every knob as a param.
     TRL's MLflow callback logs into the active run."""
-    import mlflow
+    from lingtune.tracking import stage_run
 
-    from lingtune.tracking import flatten, git_commit
-
-    mlflow.set_tracking_uri(params.tracking.uri)
-    mlflow.set_experiment(params.tracking.experiment)
-    if run_id:
-        return mlflow.start_run(run_id=run_id)
-    tags = {"lingtune.stage": "rl", **({"git_commit": c} if (c := git_commit()) else {})}
-    run = mlflow.start_run(run_name=f"rl-{params.rl.algorithm}", tags=tags)
-    mlflow.log_params(flatten("", {"seed": params.seed, "rl": params.rl.model_dump(),
-                                   "reward": params.reward.model_dump()}))
-    return run
+    knobs = {"seed": params.seed, "rl": params.rl.model_dump(), "reward": params.reward.model_dump()}
+    return stage_run(params.tracking, "rl", knobs, run_name=f"rl-{params.rl.algorithm}", run_id=run_id)
 
 
 def run_rl(params) -> dict:
