@@ -70,7 +70,7 @@ def measure(model_dir: str, test: str, max_examples: int, tokens: int, concurren
         result[f"{task}_f1"] = score(task, records, engine.generate(records))[key]
     if tokens == 0:  # --skip-throughput
         return result
-    prompts = [{"prompt": engine.prompt(r)} for r in read_jsonl(test)[:concurrency]]
+    prompts = [engine.prompt(r, constrained=False) for r in read_jsonl(test)[:concurrency]]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     engine.llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
     started = time.perf_counter()

@@ -1,6 +1,8 @@
 """The naive baseline for benchmarks/serve.py: FastAPI + transformers `generate`, one request at a
 time (a lock around the model), greedy, no batching, no KV cache reuse across requests, no
-constrained decoding. Answers the subset of /v1/chat/completions the benchmark sends.
+constrained decoding. Answers the subset of /v1/chat/completions the benchmark sends, and
+/v1/sentiment and /v1/ner with the service's prompt tokens (lingtune's TaskDecoder): sentiment is
+one forward pass and the better of the two label tokens, NER greedy generation up to max_tokens.
 
 Usage: python benchmarks/naive_server.py MODEL_DIR PORT [--adapter DIR] [--threads N]
 """
@@ -17,6 +19,14 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lingtune.evaluate.engine import TaskDecoder
+
+
+class TaskRequest(BaseModel):
+    text: str
+    model: str | None = None
+    max_tokens: int = 256
 
 
 class ChatRequest(BaseModel):
@@ -39,6 +49,33 @@ def build_app(model_dir: str, adapter: str | None) -> FastAPI:
                                           if isinstance(i, int) and i != tokenizer.unk_token_id]
     lock = asyncio.Lock()
     app = FastAPI()
+    decoder = TaskDecoder(tokenizer, max_tokens_ner=256)
+
+    def answer_task(task: str, request: TaskRequest) -> tuple[dict, int, int]:
+        ids = torch.tensor([decoder.prompt(task, request.text)["prompt_token_ids"]])
+        with torch.inference_mode():
+            if task == "sentiment" and decoder.label_step is not None:
+                logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
+                token = max(decoder.label_step.labels, key=lambda t: logits[t].item())
+                return {"label": decoder.label_step.labels[token]}, ids.shape[1], 1
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens,
+                                 do_sample=False, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:]
+        return {"answer": tokenizer.decode(new, skip_special_tokens=True)}, ids.shape[1], len(new)
+
+    async def task_route(task: str, request: TaskRequest):
+        async with lock:
+            result, prompt_tokens, completion_tokens = await asyncio.to_thread(answer_task, task, request)
+        return {**result, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @app.post("/v1/sentiment")
+    async def sentiment(request: TaskRequest):
+        return await task_route("sentiment", request)
+
+    @app.post("/v1/ner")
+    async def ner(request: TaskRequest):
+        return await task_route("ner", request)
 
     def generate(request: ChatRequest) -> tuple[str, int, int]:
         ids = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_tensors="pt",

@@ -3,13 +3,14 @@
 In one run: (1) the peak bf16 matmul FLOP/s of this machine; (2) the lingtune service
 (`bentoml serve`, vLLM) started from params.yaml, then one client in sequence (latency), then C
 concurrent clients with the official `openai` async client sending sentiment and/or NER requests
-from the test split (chat completions in the trained prompt, constrained like /v1/sentiment);
-optionally a soak (64 clients x 60 s); (3) the same load against benchmarks/naive_server.py
-(FastAPI + transformers generate, one request at a time, same model). FLOPs of a request:
+from the test split to the task endpoints /v1/sentiment and /v1/ner (`--route chat`: chat
+completions in the trained prompt with the whole answer constrained); optionally a soak (64
+clients x 60 s); (3) the same load against benchmarks/naive_server.py (FastAPI + transformers,
+one request at a time, same model, same prompt tokens and answer length). FLOPs of a request:
 2 x non-embedding parameters x (prompt + output tokens) + 2 x LM-head parameters x output tokens,
 every prompt token counted (prefix caching can push roofline_fraction past 1).
 
-Usage: python benchmarks/serve.py [--clients 16] [--requests 400] [--task sentiment|ner|mix]
+Usage: python benchmarks/serve.py [--clients 16] [--requests 400] [--task sentiment|ner|mix] [--route task|chat]
        [--model lingtune] [--soak] [--naive-requests 32] [--json]
 """
 
@@ -72,12 +73,17 @@ def parameter_counts(model_dir: Path) -> tuple[int, int]:
     return total - embed - head, head or text["vocab_size"] * text["hidden_size"]
 
 
-def workload(data: Path, task: str, max_tokens_ner: int) -> list[dict]:
+def workload(data: Path, task: str, max_tokens_ner: int, route: str) -> list[dict]:
+    """Requests from the test split: task-endpoint bodies (`route` task, what /v1/sentiment and /v1/ner
+    users send), or chat completions in the trained prompt with the trained answer's constraint."""
     tasks = ["sentiment", "ner"] if task == "mix" else [task]
     per_task = [read_jsonl(data, task=t) for t in tasks]
     items = []
     for row in zip(*per_task):
         for record in row:
+            if route == "task":
+                items.append({"path": f"/{record.task}", "body": {"text": record.text}})
+                continue
             rule = {"choice": SENTIMENT_CHOICES} if record.task == "sentiment" else {"regex": NER_REGEX}
             items.append({"messages": [{"role": "user", "content": user_prompt(record.task, record.text)}],
                           "max_tokens": 16 if record.task == "sentiment" else max_tokens_ner,
@@ -85,26 +91,50 @@ def workload(data: Path, task: str, max_tokens_ner: int) -> list[dict]:
     return items
 
 
-async def load(url: str, model: str, items: list[dict], clients: int, count: int | None = None,
+async def send(client, model: str, item: dict, max_new: int | None) -> tuple[int, int]:
+    """One request; (prompt tokens, completion tokens) from its usage."""
+    if "path" in item:  # max_tokens only for the naive server (the same work as the service did)
+        body = {**item["body"], "model": model, **({"max_tokens": max_new} if max_new else {})}
+        reply = await client.post(item["path"], body=body, cast_to=object)
+        return reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]
+    reply = await client.chat.completions.create(
+        model=model, messages=item["messages"], temperature=0, extra_body=item["extra_body"],
+        max_tokens=max_new or item["max_tokens"])
+    return reply.usage.prompt_tokens, reply.usage.completion_tokens
+
+
+class Feed:
+    """The requests in order, each sent once to a server while the pool lasts: a prompt the server has
+    answered before is a whole-prompt prefix-cache hit and would flatter the numbers. Each phase takes
+    the next items; `repeats` counts requests of an item this server already had (pool used up)."""
+
+    def __init__(self, items: list[dict]):
+        self.items, self.sent = items, 0
+
+    def next(self) -> tuple[dict, bool]:
+        item, repeat = self.items[self.sent % len(self.items)], self.sent >= len(self.items)
+        self.sent += 1
+        return item, repeat
+
+
+async def load(url: str, model: str, feed: Feed, clients: int, count: int | None = None,
                duration: float | None = None, api_key: str = "none", max_new: int | None = None) -> dict:
     """C clients, each sending its next request when the previous one is answered."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=600)
-    results, issued = [], 0
+    results, issued, repeats = [], 0, 0
     deadline = time.perf_counter() + duration if duration else None
 
     async def one_client():
-        nonlocal issued
+        nonlocal issued, repeats
         while (count is None or issued < count) and (deadline is None or time.perf_counter() < deadline):
-            item = items[issued % len(items)]
-            issued += 1
+            item, repeat = feed.next()
+            issued, repeats = issued + 1, repeats + repeat
             started = time.perf_counter()
             try:
-                reply = await client.chat.completions.create(
-                    model=model, messages=item["messages"], temperature=0, extra_body=item["extra_body"],
-                    max_tokens=max_new or item["max_tokens"])
-                results.append((time.perf_counter() - started, reply.usage.prompt_tokens, reply.usage.completion_tokens))
+                prompt_tokens, completion_tokens = await send(client, model, item, max_new)
+                results.append((time.perf_counter() - started, prompt_tokens, completion_tokens))
             except openai.OpenAIError as exc:
                 results.append((time.perf_counter() - started, None, repr(exc)))
 
@@ -112,7 +142,7 @@ async def load(url: str, model: str, items: list[dict], clients: int, count: int
     await asyncio.gather(*(one_client() for _ in range(clients)))
     wall = time.perf_counter() - started
     await client.close()
-    summary = summarize(results, wall, clients)
+    summary = {**summarize(results, wall, clients), "repeated_prompts": repeats}
     print(f"{url} {clients} clients: {json.dumps(summary)}", file=sys.stderr, flush=True)  # progress
     return summary
 
@@ -198,21 +228,24 @@ def run(args) -> dict:
     overrides = {"preload": not args.no_preload, **({"model": args.serve_model} if args.serve_model else {})}
     plan = resolve_plan(parse_params({**raw, "serve": {**raw.get("serve", {}), **overrides}}))
     model = args.model or plan.base_name
-    items = workload(Path(args.data), args.task, params.serve.max_tokens_ner)
+    items = workload(Path(args.data), args.task, params.serve.max_tokens_ner, args.route)
+    more = [item for extra in args.more_data for item in workload(Path(extra), args.task, params.serve.max_tokens_ner,
+                                                                   args.route)]
+    feed = Feed(items + more)  # test split first; the soak goes on into the other splits
     log = sys.stderr if args.verbose else open(os.devnull, "w")
-    report = {"task": args.task, "model": model, "base": str(plan.base), "preload": not args.no_preload}
+    report = {"task": args.task, "route": args.route, "model": model, "base": str(plan.base), "preload": not args.no_preload}
     report["load_average_at_start"] = os.getloadavg()[0]  # other processes share these cores: read with care
     report["peak_flops"] = peak_flops()
     non_embedding, head = parameter_counts(plan.base)
     proc, url = start_service(Path(args.params), overrides, log)
     try:
-        asyncio.run(load(url, model, items, args.clients, count=2 * args.clients))  # warm-up: prefix cache, pools
-        single = asyncio.run(load(url, model, items, 1, count=args.single_requests))
+        asyncio.run(load(url, model, feed, args.clients, count=2 * args.clients))  # warm-up: template cache, pools
+        single = asyncio.run(load(url, model, feed, 1, count=args.single_requests))
         if args.duration:
-            main = asyncio.run(load(url, model, items, args.clients, duration=args.duration))
+            main = asyncio.run(load(url, model, feed, args.clients, duration=args.duration))
         else:
-            main = asyncio.run(load(url, model, items, args.clients, count=args.requests))
-        soak = asyncio.run(load(url, model, items, 64, duration=60)) if args.soak else None
+            main = asyncio.run(load(url, model, feed, args.clients, count=args.requests))
+        soak = asyncio.run(load(url, model, feed, 64, duration=60)) if args.soak else None
     finally:
         stop(proc)
     flops = 2 * non_embedding * (main["mean_prompt_tokens"] + main["mean_output_tokens"]) + \
@@ -221,22 +254,43 @@ def run(args) -> dict:
     report.update({"single_client_latency_ms": single["mean_latency_ms"], "flops_per_request": flops,
                    "roofline_req_per_s": round(report["peak_flops"] / flops, 2),
                    "roofline_fraction": round(main["req_per_s"] * flops / report["peak_flops"], 3), "soak": soak})
+    full = None
     if args.naive_requests:
         adapter = plan.adapters.get(model)
         proc, url = start_naive(plan.base, adapter, log, args.naive_threads)
         try:
             max_new = max(1, round(main["mean_output_tokens"]))  # the same work per request as the service did
-            naive = asyncio.run(load(url, model, items, args.clients, count=args.naive_requests, max_new=max_new))
+            naive = asyncio.run(load(url, model, Feed(items), args.clients, count=args.naive_requests,
+                                     max_new=max_new))
+            if args.route == "task" and args.task == "sentiment":  # what a naive server generates for the same
+                chat = workload(Path(args.data), "sentiment", params.serve.max_tokens_ner, "chat")  # question
+                full = asyncio.run(load(url, model, Feed(chat), args.clients, count=args.naive_requests,
+                                        max_new=answer_tokens(plan.base)))
         finally:
             stop(proc)
         report["naive"] = naive
         report["speedup_vs_naive"] = round(main["req_per_s"] / naive["req_per_s"], 2) if naive["req_per_s"] else None
+        if full:
+            report["naive_full_answer"] = full
+            report["speedup_vs_naive_full_answer"] = round(main["req_per_s"] / full["req_per_s"], 2)
     report["load_average_at_end"] = os.getloadavg()[0]
     return report
 
 
+def answer_tokens(model_dir: Path) -> int:
+    """Tokens of the whole trained sentiment answer (`{"label": "positive"}` and the end of turn)."""
+    from transformers import AutoTokenizer
+
+    from lingtune.data.formats import Record
+    from lingtune.evaluate.engine import trained_encoding
+
+    return len(trained_encoding(AutoTokenizer.from_pretrained(model_dir), Record(text="x", label="positive"))[1])
+
+
 def table(r: dict) -> str:
-    rows = [("service", r), ("naive baseline", r.get("naive")), ("soak (64 clients x 60 s)", r.get("soak"))]
+    rows = [("service", r), ("naive baseline (same tokens)", r.get("naive")),
+            ("naive baseline (generates the whole answer)", r.get("naive_full_answer")),
+            ("soak (64 clients x 60 s)", r.get("soak"))]
     lines = ["| run | clients | requests | errors | req/s | mean ms | p50 ms | p95 ms | p99 ms | output tok/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {m['clients']} | {m['requests']} | {m['errors']} | {m['req_per_s']:.2f} | "
@@ -245,7 +299,9 @@ def table(r: dict) -> str:
     lines.append(f"\npeak bf16 matmul {r['peak_flops'] / 1e9:.0f} GFLOP/s; {r['flops_per_request'] / 1e9:.2f} "
                  f"GFLOP/request -> ceiling {r['roofline_req_per_s']:.1f} req/s; roofline_fraction "
                  f"{r['roofline_fraction']:.2f}; single-client mean {r['single_client_latency_ms']:.0f} ms; "
-                 f"speed-up vs naive {r.get('speedup_vs_naive')}; load average {r['load_average_at_start']:.1f} at start, "
+                 f"speed-up vs naive {r.get('speedup_vs_naive')} (same tokens), "
+                 f"{r.get('speedup_vs_naive_full_answer')} (naive generates the whole answer); "
+                 f"load average {r['load_average_at_start']:.1f} at start, "
                  f"{r['load_average_at_end']:.1f} at end")
     return "\n".join(lines)
 
@@ -254,7 +310,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--data", default=str(ROOT / "data" / "processed" / "test.jsonl"))
+    splits = [ROOT / "data" / "processed" / f"{split}.jsonl" for split in ("val", "train")]
+    parser.add_argument("--more-data", nargs="*", default=[str(p) for p in splits if p.is_file()],
+                        help="requests after --data is used up (the soak), so that no prompt is sent twice "
+                             "(default: the val and train splits where they exist)")
     parser.add_argument("--task", choices=("sentiment", "ner", "mix"), default="sentiment")
+    parser.add_argument("--route", choices=("task", "chat"), default="task",
+                        help="task: POST /v1/sentiment|/v1/ner; chat: /v1/chat/completions with the trained "
+                             "prompt and the whole answer constrained")
     parser.add_argument("--model", help="`model` name to request (default: the base model)")
     parser.add_argument("--serve-model", help="override serve.model (a folder or models:/name@alias)")
     parser.add_argument("--clients", type=int, default=16)

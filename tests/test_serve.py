@@ -117,8 +117,10 @@ def test_completions_and_adapter_by_model_name(client):
 def test_sentiment_single_and_batch(client):
     one = client.post("/sentiment", body={"text": "这本书很好看"}, cast_to=object)
     assert one["label"] in ("positive", "negative")
+    assert one["usage"]["completion_tokens"] == 1 and one["usage"]["prompt_tokens"] > len("这本书很好看")  # one step
     many = client.post("/sentiment", body={"texts": ["很好", "太差了"], "model": "lingtune"}, cast_to=object)
     assert [r["label"] in ("positive", "negative") for r in many["results"]] == [True, True]
+    assert many["usage"]["completion_tokens"] == 2
 
 
 def test_ner_offsets_point_into_the_text(client):
@@ -264,13 +266,44 @@ def test_plan_serves_an_adapter_model_under_the_served_name(tiny_model_dir, tmp_
     from lingtune.serve.runtime import resolve_plan
 
     adapter = _tiny_adapter(tiny_model_dir, tmp_path / "champion")
-    params = parse_params({"serve": {"model": str(adapter), "adapters": {"rl": str(tmp_path / "missing")}}})
+    params = parse_params({"serve": {"model": str(adapter), "adapters": {"rl": str(tmp_path / "missing")},
+                                     "merge_adapter": False}})
     plan = resolve_plan(params)
     assert (plan.base, plan.base_name) == (tiny_model_dir, "lingtune-base")
     assert plan.adapters == {"lingtune": adapter} and plan.task_model == "lingtune"
     assert plan.skipped == (f"rl ({tmp_path / 'missing'}: no adapter_config.json)",)
     with pytest.raises(ValueError, match="neither a model folder"):
         resolve_plan(parse_params({"serve": {"model": str(tmp_path)}}))
+
+
+def test_plan_merges_an_adapter_model_once(tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lingtune.config import parse_params
+    from lingtune.serve.runtime import resolve_plan
+
+    adapter = _tiny_adapter(tiny_model_dir, tmp_path / "champion")
+    with torch.no_grad():  # a non-zero delta, so that merged and base weights differ
+        lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+        for name, weight in lora.named_parameters():
+            if "lora_B" in name:
+                weight.fill_(0.01)
+        lora.save_pretrained(adapter)
+    params = parse_params({"serve": {"model": str(adapter), "adapters": {"sft": str(adapter)},
+                                     "merge_cache_dir": str(tmp_path / "cache")}})
+    plan = resolve_plan(params)
+    assert plan.base.parent == tmp_path / "cache" and (plan.base / "config.json").is_file()
+    assert (plan.base_name, plan.adapters, plan.task_model) == ("lingtune", {}, "lingtune")
+    assert plan.skipped and "merged" in plan.skipped[0]
+    written = (plan.base / "config.json").stat().st_mtime_ns
+    assert resolve_plan(params).base == plan.base and (plan.base / "config.json").stat().st_mtime_ns == written
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        expected = lora.merge_and_unload()(ids).logits
+        served = AutoModelForCausalLM.from_pretrained(plan.base, dtype=torch.float32)(ids).logits
+    assert torch.allclose(expected, served, atol=0.05)
 
 
 @pytest.mark.slow
@@ -280,10 +313,11 @@ def test_benchmark_reports_every_documented_key(tiny_model_dir, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--params", str(tmp_path / "params.yaml"),
                            "--data", str(ROOT / "tests" / "data" / "train.jsonl"), "--task", "mix", "--clients", "4",
                            "--requests", "8", "--single-requests", "2", "--naive-requests", "2", "--naive-threads", "1",
-                           "--json"], capture_output=True, text=True, timeout=900)
+                           "--more-data", "--json"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     for key in ("req_per_s", "mean_latency_ms", "p95_latency_ms", "p99_latency_ms", "single_client_latency_ms",
                 "roofline_fraction", "speedup_vs_naive", "errors", "output_tok_per_s", "peak_flops"):
         assert isinstance(report[key], (int, float)), key
     assert report["errors"] == 0 and report["naive"]["errors"] == 0 and report["requests"] == 8
+    assert report["repeated_prompts"] == 0  # a prompt sent twice is a prefix-cache hit: each phase takes new ones

@@ -176,6 +176,8 @@ class EvaluateConfig(_Section):
     """Per task, from the test split; 0 = all."""
     max_tokens_ner: int = Field(256, ge=16)
     kv_cache_gb: int = Field(2, ge=1)
+    cpu_threads_bind: str = Field("all", min_length=1)
+    """vLLM CPU engine threads: all | auto | a vLLM CPU list such as 0-3 (lingtune.env.bind_vllm_cpu_threads)."""
     out_dir: str = "reports/eval"
 
 
@@ -288,6 +290,16 @@ class ServeConfig(_Section):
     enforce_eager: bool = True
     prefix_caching: bool = True
     """Reuse the KV cache of the shared prompt template across requests."""
+    merge_adapter: bool = True
+    """When `model` is a LoRA adapter (e.g. models:/lingtune@champion): serve it merged into its base
+    (cached under merge_cache_dir), at the base model's speed; the `adapters` are then not served,
+    they are deltas of the unmerged base. false: base + adapter through vLLM's LoRA path."""
+    merge_cache_dir: str = ".cache/serve"
+    cpu_threads_bind: str = Field("all", min_length=1)
+    """vLLM CPU engine threads: all | auto | a vLLM CPU list such as 0-3 (lingtune.env.bind_vllm_cpu_threads)."""
+    block_size: int | None = Field(32, ge=16, multiple_of=16)
+    """KV-cache block (tokens). Prefix caching shares whole blocks only: vLLM's CPU default of 128
+    is longer than the 37-token template, which then is never shared; null = vLLM's default."""
     preload: bool = True
     """LD_PRELOAD tcmalloc and Intel OpenMP (when found) into the engine process."""
     timeout_s: int = Field(300, ge=1)
@@ -307,6 +319,11 @@ class QuantizeConfig(_Section):
     """Training-split examples (chat prompt + answer, as trained) that GPTQ calibrates on."""
     max_seq_len: int = Field(256, ge=16)
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+    actorder: Literal["none", "weight"] = "none"
+    """GPTQ column order: `weight` quantizes columns in order of activation size (calibration only;
+    the saved weights are in normal order, so vLLM runs them at the same speed)."""
+    observer: Literal["minmax", "mse"] = "minmax"
+    """How each group's scale is chosen: its absolute max, or a search for the least squared error."""
     threads: int = Field(1, ge=1)
     """OMP threads of the worker. Measured: GPTQ on 2 threads did not finish in 7 min, on 1: 35 s."""
     env_dir: str = ".venv-quant"

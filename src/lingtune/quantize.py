@@ -151,9 +151,11 @@ def quantize(cfg: QuantizeConfig, backbone_dir: str, train_file: Path, seed: int
         log(f"quantizing ({cfg.method}, group {cfg.group_size}, {samples} calibration examples, {cfg.threads} thread(s))")
         job = {"model": str(merged), "out": str(partial), "method": cfg.method, "group_size": cfg.group_size,
                "calibration": str(work / "calibration.jsonl"), "max_seq_len": cfg.max_seq_len,
-               "dampening_frac": cfg.dampening_frac, "ignore": ["lm_head"]}
+               "dampening_frac": cfg.dampening_frac, "ignore": ["lm_head"],
+               "actorder": None if cfg.actorder == "none" else cfg.actorder, "observer": cfg.observer}
         worker = run_worker(python, job, work, cfg.threads)
     card = {"source": str(source), "backbone": str(backbone_dir), "method": cfg.method, "group_size": cfg.group_size,
+            "actorder": cfg.actorder, "observer": cfg.observer,
             "calibration_samples": samples, "scheme": "W4A16", "format": "compressed-tensors",
             "quantize_seconds": worker["seconds"], "stage_seconds": round(time.time() - started, 1)}
     (partial / CARD).write_text(json.dumps(card, indent=2))

@@ -9,7 +9,8 @@ writes a compressed-tensors folder that vLLM loads.
 
 job.json: {"model": merged bf16 folder, "out": output folder, "method": "gptq" | "rtn",
            "group_size": 128, "calibration": jsonl of {"input_ids": [...]} (gptq only),
-           "max_seq_len": 256, "dampening_frac": 0.01, "ignore": ["lm_head"]}
+           "max_seq_len": 256, "dampening_frac": 0.01, "ignore": ["lm_head"],
+           "actorder": null | "weight", "observer": "minmax" | "mse"}
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import time
 from pathlib import Path
 
 
-def scheme(group_size: int):
+def scheme(group_size: int, actorder: str | None = None, observer: str = "minmax"):
     """4-bit symmetric integer weights in groups along the input dimension; activations untouched."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size,
+                               actorder=actorder, observer=observer)
     return QuantizationScheme(targets=["Linear"], weights=weights)
 
 
@@ -32,7 +34,7 @@ def recipe(job: dict):
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    groups = {"group_0": scheme(job["group_size"])}
+    groups = {"group_0": scheme(job["group_size"], job.get("actorder"), job.get("observer", "minmax"))}
     if job["method"] == "gptq":
         return GPTQModifier(config_groups=groups, ignore=job["ignore"], dampening_frac=job["dampening_frac"])
     return QuantizationModifier(config_groups=groups, ignore=job["ignore"])  # RTN: round to nearest, no data

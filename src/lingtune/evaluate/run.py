@@ -167,7 +167,8 @@ def run_evaluate(params) -> dict:
     cfg = params.evaluate
     test = Path(params.data.out_dir) / "test.jsonl"
     records = {task: read_jsonl(test, task=task)[: cfg.max_examples or None] for task in ("sentiment", "ner")}
-    engine_cfg = EngineConfig(max_tokens_ner=cfg.max_tokens_ner, kv_cache_gb=cfg.kv_cache_gb)
+    engine_cfg = EngineConfig(max_tokens_ner=cfg.max_tokens_ner, kv_cache_gb=cfg.kv_cache_gb,
+                              cpu_threads_bind=cfg.cpu_threads_bind)
     found = variants(params)
     results, engines = {}, {}
     for name, variant in found.items():

@@ -5,8 +5,11 @@ attribute its app expects exists)."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import shutil
 import sys
+import tempfile
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +37,15 @@ def resolve_plan(params: Params) -> ServePlan:
                         cache_dir=params.register_.cache_dir)
     adapters: dict[str, Path] = {}
     base_name = cfg.served_model_name
+    skipped = []
+    if ref.adapter is not None and cfg.merge_adapter:  # one merged model, no LoRA path
+        merged = merged_model(Path(ref.base), Path(ref.adapter), Path(cfg.merge_cache_dir))
+        skipped = [f"{name} ({folder}: serve.merge_adapter serves {cfg.model} merged, without LoRA)"
+                   for name, folder in cfg.adapters.items()]
+        return ServePlan(merged, base_name, {}, base_name, tuple(skipped))
     if ref.adapter is not None:  # an adapter as the model: it takes the served name, the base `<name>-base`
         adapters[cfg.served_model_name] = Path(ref.adapter)
         base_name = f"{cfg.served_model_name}-base"
-    skipped = []
     for name, folder in cfg.adapters.items():
         if (Path(folder) / "adapter_config.json").is_file():
             adapters.setdefault(name, Path(folder))
@@ -46,6 +54,23 @@ def resolve_plan(params: Params) -> ServePlan:
     task_model = cfg.task_model if cfg.task_model in adapters or cfg.task_model == base_name else (
         cfg.served_model_name if cfg.served_model_name in adapters else base_name)
     return ServePlan(Path(ref.base), base_name, adapters, task_model, tuple(skipped))
+
+
+def merged_model(base: Path, adapter: Path, cache_dir: Path) -> Path:
+    """The adapter merged into its base (bf16), once per (base, adapter content) under `cache_dir`."""
+    from lingtune.quantize import merge
+
+    digest = hashlib.sha256(str(base.resolve()).encode())
+    for file in sorted(p for p in adapter.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(adapter).as_posix().encode() + file.read_bytes())
+    out = cache_dir / f"merged-{digest.hexdigest()[:16]}"
+    if not (out / "config.json").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".merging-") as tmp:
+            merge(adapter, str(base), Path(tmp) / "model")
+            shutil.rmtree(out, ignore_errors=True)
+            (Path(tmp) / "model").rename(out)
+    return out
 
 
 def preload_libraries() -> list[str]:
@@ -62,9 +87,10 @@ def preload_libraries() -> list[str]:
 def prepare_environment(cfg: ServeConfig) -> None:
     """Environment of the engine process. vLLM starts its engine core with `spawn` on CPU, so what
     is set here (LD_PRELOAD included) takes effect there, where the model runs."""
-    from lingtune.env import apply_offline_defaults
+    from lingtune.env import apply_offline_defaults, bind_vllm_cpu_threads
 
     apply_offline_defaults()
+    bind_vllm_cpu_threads(cfg.cpu_threads_bind)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the engine loop must not share the API's core
     if cfg.preload and "LD_PRELOAD" not in os.environ:
@@ -83,6 +109,7 @@ def vllm_args(cfg: ServeConfig, plan: ServePlan) -> Namespace:
             "--seed", "0", "--disable-uvicorn-access-log", "--disable-log-stats"]
     argv += ["--enforce-eager"] if cfg.enforce_eager else []
     argv += ["--enable-prefix-caching"] if cfg.prefix_caching else ["--no-enable-prefix-caching"]
+    argv += ["--block-size", str(cfg.block_size)] if cfg.block_size else []
     if plan.adapters:
         argv += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(len(plan.adapters)),
                  "--lora-modules", *(f"{name}={path}" for name, path in plan.adapters.items())]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lingtune.data.prompts import locate_entities, parse_answer, user_prompt
-from lingtune.evaluate.engine import NER_REGEX, SENTIMENT_CHOICES
+from lingtune.data.prompts import locate_entities, parse_answer
+from lingtune.evaluate.engine import TaskDecoder
 
 router = APIRouter()
 
@@ -56,17 +56,6 @@ class TaskResult(BaseModel):
     """Only when the answer did not parse (cut off by max_tokens)."""
 
 
-def sampling(task: str, settings: TaskSettings):
-    from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
-
-    if task == "sentiment":
-        return SamplingParams(temperature=0, max_tokens=32, structured_outputs=StructuredOutputsParams(
-            choice=SENTIMENT_CHOICES))
-    return SamplingParams(temperature=0, max_tokens=settings.max_tokens_ner,
-                          structured_outputs=StructuredOutputsParams(regex=NER_REGEX))
-
-
 def to_result(task: str, text: str, answer: str) -> TaskResult:
     parsed = parse_answer(task, answer)
     if not parsed.valid:
@@ -88,31 +77,40 @@ async def _lora(state, name: str):
     raise HTTPException(404, f"unknown model {name!r}; this server has {known}")
 
 
-async def _answer(engine, tokenizer, task: str, text: str, params, lora) -> str:
-    messages = [{"role": "user", "content": user_prompt(task, text)}]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def decoder(state) -> TaskDecoder:
+    """One TaskDecoder per app (it tokenizes the label answers once)."""
+    if getattr(state, "lingtune_decoder", None) is None:
+        state.lingtune_decoder = TaskDecoder(state.engine_client.get_tokenizer(), state.lingtune_tasks.max_tokens_ner)
+    return state.lingtune_decoder
+
+
+async def _answer(engine, decode: TaskDecoder, task: str, text: str, lora) -> tuple[str, int, int]:
+    """(answer text, prompt tokens, completion tokens) of one text."""
+    prompt = decode.prompt(task, text)
     final = None
-    async for output in engine.generate(prompt, params, f"{task}-{uuid.uuid4().hex}", lora_request=lora):
+    async for output in engine.generate(prompt, decode.sampling(task), f"{task}-{uuid.uuid4().hex}",
+                                        lora_request=lora):
         final = output
-    return final.outputs[0].text
+    completion = final.outputs[0]
+    return decode.answer(task, completion), len(prompt["prompt_token_ids"]), len(completion.token_ids)
 
 
 async def run_task(task: str, body: TaskRequest, request: Request):
     state = request.app.state
-    settings: TaskSettings = state.lingtune_tasks
-    lora = await _lora(state, body.model or settings.default_model)
-    engine = state.engine_client
-    tokenizer = engine.get_tokenizer()
+    lora = await _lora(state, body.model or state.lingtune_tasks.default_model)
+    decode = decoder(state)
     texts = [body.text] if body.text is not None else body.texts
-    params = sampling(task, settings)
-    answers = await asyncio.gather(*(_answer(engine, tokenizer, task, t, params, lora) for t in texts))
-    results = [to_result(task, t, a).model_dump(exclude_none=True) for t, a in zip(texts, answers)]
-    return results[0] if body.text is not None else {"results": results}
+    answers = await asyncio.gather(*(_answer(state.engine_client, decode, task, t, lora) for t in texts))
+    results = [to_result(task, t, a).model_dump(exclude_none=True) for t, (a, _, _) in zip(texts, answers)]
+    prompt_tokens, completion_tokens = sum(a[1] for a in answers), sum(a[2] for a in answers)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    return {**results[0], "usage": usage} if body.text is not None else {"results": results, "usage": usage}
 
 
 @router.post("/v1/sentiment")
 async def sentiment(body: TaskRequest, request: Request):
-    """`{"text": "..."}` -> `{"label": "positive"}`; `{"texts": [...]}` -> `{"results": [...]}`."""
+    """`{"text": "..."}` -> `{"label": "positive", "usage": {...}}`; `{"texts": [...]}` -> `{"results": [...], "usage"}`."""
     return await run_task("sentiment", body, request)
 
 
