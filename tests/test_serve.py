@@ -276,6 +276,33 @@ def test_plan_serves_an_adapter_model_under_the_served_name(tiny_model_dir, tmp_
         resolve_plan(parse_params({"serve": {"model": str(tmp_path)}}))
 
 
+def test_plan_falls_back_while_the_registry_has_no_champion(tiny_model_dir, tmp_path):
+    from lingtune.config import parse_params
+    from lingtune.registry import RegistryError
+    from lingtune.serve.runtime import resolve_plan
+
+    serve = {"model": "models:/lingtune@champion", "fallback_model": str(tiny_model_dir), "adapters": {}}
+    params = {"tracking": {"uri": f"sqlite:///{tmp_path / 'none.db'}"}, "serve": serve}
+    plan = resolve_plan(parse_params(params))
+    assert plan.base == tiny_model_dir and "no MLflow model registry" in plan.fallback
+    with pytest.raises(RegistryError, match="no MLflow model registry"):
+        resolve_plan(parse_params({**params, "serve": {**serve, "fallback_model": None}}))
+
+
+def test_plan_skips_adapters_trained_on_another_base(tiny_model_dir, tmp_path):
+    from lingtune.config import parse_params
+    from lingtune.serve.runtime import resolve_plan
+
+    ours = _tiny_adapter(tiny_model_dir, tmp_path / "ours")
+    other = _tiny_adapter(tiny_model_dir, tmp_path / "other")
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path)}))
+    plan = resolve_plan(parse_params({"serve": {"model": str(tiny_model_dir),
+                                                "adapters": {"ours": str(ours), "other": str(other)}}}))
+    assert plan.adapters == {"ours": ours}
+    assert plan.skipped == (f"other ({other}: trained on {tmp_path}, not on the served {tiny_model_dir})",)
+
+
 def test_plan_merges_an_adapter_model_once(tiny_model_dir, tmp_path):
     import torch
     from peft import PeftModel

@@ -261,8 +261,11 @@ class RLConfig(_Section):
 class ServeConfig(_Section):
     """`bentoml serve`: vLLM's OpenAI routes plus /v1/sentiment and /v1/ner (lingtune.serve)."""
 
-    model: str = "models/backbone"
+    model: str = "models:/lingtune@champion"
     """A model folder, a LoRA adapter folder (served on its base), or `models:/name@alias`."""
+    fallback_model: str | None = "models/backbone"
+    """Served, with a warning, while `model` is a models:/ URI the registry cannot resolve yet (no
+    store, no such alias: a fresh clone before `dvc repro register`); null: refuse to start instead."""
     served_model_name: str = "lingtune"
     """The `model` name of the base model in requests (an adapter given as `model` takes this name)."""
     adapters: dict[str, str] = {"sft": "models/sft", "rl": "models/rl"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -26,15 +27,36 @@ class ServePlan:
     adapters: dict[str, Path] = field(default_factory=dict)
     task_model: str = ""
     skipped: tuple[str, ...] = ()
+    fallback: str = ""
+    """Why `serve.fallback_model` is served instead of `serve.model` (empty when it is not)."""
+
+
+def resolve_served_model(params: Params):
+    """`serve.model`, or `serve.fallback_model` (and why) while the registry cannot resolve a models:/ URI."""
+    from lingtune.evaluate.run import resolve_model
+    from lingtune.registry import RegistryError
+
+    cfg = params.serve
+    where = {"tracking_uri": params.tracking.uri, "cache_dir": params.register_.cache_dir}
+    try:
+        return resolve_model(cfg.model, params.backbone.out_dir, cfg.model, **where), ""
+    except RegistryError as exc:
+        if not cfg.fallback_model:
+            raise
+        return (resolve_model(cfg.fallback_model, params.backbone.out_dir, cfg.fallback_model, **where),
+                f"{exc}; serving serve.fallback_model {cfg.fallback_model} instead")
+
+
+def adapter_base(folder: Path, backbone_dir: str) -> Path:
+    """The base model an adapter folder was trained on (its adapter_config), as resolve_model reads it."""
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or backbone_dir
+    return Path(base if Path(base).is_dir() else backbone_dir)
 
 
 def resolve_plan(params: Params) -> ServePlan:
-    """Resolve `serve.model` (folder, adapter folder or models:/ URI) and the adapters that exist."""
-    from lingtune.evaluate.run import resolve_model
-
+    """Resolve `serve.model` (folder, adapter folder or models:/ URI) and the adapters that fit its base."""
     cfg = params.serve
-    ref = resolve_model(cfg.model, params.backbone.out_dir, cfg.model, tracking_uri=params.tracking.uri,
-                        cache_dir=params.register_.cache_dir)
+    ref, fallback = resolve_served_model(params)
     adapters: dict[str, Path] = {}
     base_name = cfg.served_model_name
     skipped = []
@@ -42,18 +64,22 @@ def resolve_plan(params: Params) -> ServePlan:
         merged = merged_model(Path(ref.base), Path(ref.adapter), Path(cfg.merge_cache_dir))
         skipped = [f"{name} ({folder}: serve.merge_adapter serves {cfg.model} merged, without LoRA)"
                    for name, folder in cfg.adapters.items()]
-        return ServePlan(merged, base_name, {}, base_name, tuple(skipped))
+        return ServePlan(merged, base_name, {}, base_name, tuple(skipped), fallback)
     if ref.adapter is not None:  # an adapter as the model: it takes the served name, the base `<name>-base`
         adapters[cfg.served_model_name] = Path(ref.adapter)
         base_name = f"{cfg.served_model_name}-base"
     for name, folder in cfg.adapters.items():
-        if (Path(folder) / "adapter_config.json").is_file():
-            adapters.setdefault(name, Path(folder))
-        else:
+        folder = Path(folder)
+        if not (folder / "adapter_config.json").is_file():
             skipped.append(f"{name} ({folder}: no adapter_config.json)")
+        elif adapter_base(folder, params.backbone.out_dir).resolve() != Path(ref.base).resolve():
+            skipped.append(f"{name} ({folder}: trained on {adapter_base(folder, params.backbone.out_dir)}, "
+                           f"not on the served {ref.base})")
+        else:
+            adapters.setdefault(name, folder)
     task_model = cfg.task_model if cfg.task_model in adapters or cfg.task_model == base_name else (
         cfg.served_model_name if cfg.served_model_name in adapters else base_name)
-    return ServePlan(Path(ref.base), base_name, adapters, task_model, tuple(skipped))
+    return ServePlan(Path(ref.base), base_name, adapters, task_model, tuple(skipped), fallback)
 
 
 def merged_model(base: Path, adapter: Path, cache_dir: Path) -> Path:

@@ -41,6 +41,8 @@ class LingTune:
     @bentoml.on_startup
     async def start_engine(self) -> None:
         plan = resolve_plan(PARAMS)  # here, not at import: `bentoml build` needs no model on disk
+        if plan.fallback:
+            log.warning("%s", plan.fallback)
         for skipped in plan.skipped:
             log.warning("adapter %s not served", skipped)
         tasks = TaskSettings(default_model=plan.task_model, max_tokens_ner=CFG.max_tokens_ner)
