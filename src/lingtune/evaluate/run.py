@@ -38,6 +38,13 @@ class ModelRef:
     adapter: Path | None
 
 
+def adapter_base(folder: Path, backbone_dir: str) -> Path:
+    """The base model an adapter folder was trained on (its adapter_config); the backbone when that
+    folder does not exist here."""
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or backbone_dir
+    return Path(base if Path(base).is_dir() else backbone_dir)
+
+
 def resolve_model(spec: str | None, backbone_dir: str, default_dir: str,
                   tracking_uri: str = "sqlite:///mlflow.db", cache_dir: str = ".cache/registry") -> ModelRef:
     """A folder (model or LoRA adapter), or a registered version: `models:/name@alias`, `models:/name/3`
@@ -53,8 +60,7 @@ def resolve_model(spec: str | None, backbone_dir: str, default_dir: str,
         return ModelRef(Path(base), got.folder)
     path = Path(spec)
     if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or backbone_dir
-        return ModelRef(Path(base if Path(base).is_dir() else backbone_dir), path)
+        return ModelRef(adapter_base(path, backbone_dir), path)
     if (path / "config.json").is_file():
         return ModelRef(path, None)
     raise ValueError(f"{spec}: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json)")

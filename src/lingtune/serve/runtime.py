@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -47,14 +46,10 @@ def resolve_served_model(params: Params):
                 f"{exc}; serving serve.fallback_model {cfg.fallback_model} instead")
 
 
-def adapter_base(folder: Path, backbone_dir: str) -> Path:
-    """The base model an adapter folder was trained on (its adapter_config), as resolve_model reads it."""
-    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or backbone_dir
-    return Path(base if Path(base).is_dir() else backbone_dir)
-
-
 def resolve_plan(params: Params) -> ServePlan:
     """Resolve `serve.model` (folder, adapter folder or models:/ URI) and the adapters that fit its base."""
+    from lingtune.evaluate.run import adapter_base
+
     cfg = params.serve
     ref, fallback = resolve_served_model(params)
     adapters: dict[str, Path] = {}
