@@ -66,3 +66,17 @@ def test_gptq_int4_of_an_adapter_generates_in_vllm(tmp_path, tiny_model_dir):
     assert len(free) == 4 and all(isinstance(text, str) and text for text in free)
     sentiment = [r for r in read_jsonl(ROOT / "tests/data/val.jsonl", task="sentiment")][:2]
     assert all(answer in SENTIMENT_CHOICES for answer in engine.generate(sentiment))
+
+
+@pytest.mark.parametrize("recipe, message", [("bad={x", "overrides are not JSON"),
+                                             ('a={"group_sise": 64}', "group_sise: Extra inputs"),
+                                             ('a={"group_size": 4}', "group_size: Input should be greater"),
+                                             ("noequals", "expected NAME=")])
+def test_int4_sweep_refuses_a_bad_recipe_before_any_work(root, tmp_path, recipe, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "int4_sweep.py"), "--out", str(tmp_path), recipe],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and message in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing quantized
