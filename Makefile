@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := false
 export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: pipeline test test-fast install lock clean-venv
+.PHONY: pipeline test test-fast install lock clean-venv tables
 
 $(STAMP): pyproject.toml requirements/constraints.txt scripts/install.sh
 	bash scripts/install.sh
@@ -24,12 +24,17 @@ install: $(STAMP)
 pipeline: $(STAMP)
 	dvc repro
 	lingtune data stats
+	python3 scripts/tables.py
 
 test: $(STAMP)
 	python -m pytest
 
 test-fast: $(STAMP)
 	python -m pytest -m "not slow"
+
+# Rewrite the generated tables in README.md and docs/ from the JSON reports (standard library only).
+tables:
+	python3 scripts/tables.py
 
 # Re-resolve the stack from pyproject.toml and pin the result (needs the package registry).
 lock:

@@ -59,7 +59,7 @@ def measure(model_dir: str, test: str, max_examples: int, tokens: int, concurren
     """One model in this process: F1 on both tasks, then tokens/s at 1 and `concurrency` requests."""
     from vllm import SamplingParams
 
-    from lingtune.data.formats import read_jsonl
+    from lingtune.formats import read_jsonl
     from lingtune.evaluate.engine import Engine, EngineConfig
     from lingtune.evaluate.run import score
 

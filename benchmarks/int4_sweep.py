@@ -74,7 +74,7 @@ def main() -> None:
         rows.append({"recipe": "bf16", **score(bf16, args.data)})
     for name, overrides, cfg in recipes:
         started = time.time()
-        quantize(cfg, params.backbone.out_dir, Path(params.data.out_dir) / "train.jsonl", params.seed,
+        quantize(cfg, Path(params.data.out_dir) / "train.jsonl", params.seed,
                  log=lambda message: print(message, file=sys.stderr, flush=True))
         rows.append({"recipe": name, "overrides": overrides, "quantize_seconds": round(time.time() - started),
                      **score(out / name, args.data)})

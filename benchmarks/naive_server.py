@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lingtune.evaluate.engine import TaskDecoder
+from lingtune.decoding import TaskDecoder
 
 
 class TaskRequest(BaseModel):
@@ -54,10 +54,11 @@ def build_app(model_dir: str, adapter: str | None) -> FastAPI:
     def answer_task(task: str, request: TaskRequest) -> tuple[dict, int, int]:
         ids = torch.tensor([decoder.prompt(task, request.text)["prompt_token_ids"]])
         with torch.inference_mode():
-            if task == "sentiment" and decoder.label_step is not None:
+            step = decoder.label_steps.get(task)
+            if step is not None:
                 logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
-                token = max(decoder.label_step.labels, key=lambda t: logits[t].item())
-                return {"label": decoder.label_step.labels[token]}, ids.shape[1], 1
+                token = max(step.labels, key=lambda t: logits[t].item())
+                return {"label": step.labels[token]}, ids.shape[1], 1
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens,
                                  do_sample=False, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
         new = out[0, ids.shape[1]:]

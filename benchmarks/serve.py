@@ -35,9 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lingtune.config import load_params  # noqa: E402
-from lingtune.data.formats import read_jsonl  # noqa: E402
-from lingtune.data.prompts import user_prompt  # noqa: E402
-from lingtune.evaluate.engine import NER_REGEX, SENTIMENT_CHOICES  # noqa: E402
+from lingtune.formats import read_jsonl  # noqa: E402
+from lingtune import tasks as lingtune_tasks  # noqa: E402
 
 
 def peak_flops(seconds: float = 3.0, n: int = 2048) -> float:
@@ -84,10 +83,9 @@ def workload(data: Path, task: str, max_tokens_ner: int, route: str) -> list[dic
             if route == "task":
                 items.append({"path": f"/{record.task}", "body": {"text": record.text}})
                 continue
-            rule = {"choice": SENTIMENT_CHOICES} if record.task == "sentiment" else {"regex": NER_REGEX}
-            items.append({"messages": [{"role": "user", "content": user_prompt(record.task, record.text)}],
-                          "max_tokens": 16 if record.task == "sentiment" else max_tokens_ner,
-                          "extra_body": {"structured_outputs": rule}})
+            spec = lingtune_tasks.get(record.task)
+            items.append({"messages": spec.messages(record)[:1], "max_tokens": spec.max_tokens(max_tokens_ner),
+                          "extra_body": {"structured_outputs": spec.constraint()}})
     return items
 
 
@@ -281,10 +279,10 @@ def answer_tokens(model_dir: Path) -> int:
     """Tokens of the whole trained sentiment answer (`{"label": "positive"}` and the end of turn)."""
     from transformers import AutoTokenizer
 
-    from lingtune.data.formats import Record
-    from lingtune.evaluate.engine import trained_encoding
+    from lingtune.records import Record
+    from lingtune.tasks.base import answer_ids
 
-    return len(trained_encoding(AutoTokenizer.from_pretrained(model_dir), Record(text="x", label="positive"))[1])
+    return len(answer_ids(AutoTokenizer.from_pretrained(model_dir), Record(text="x", label="positive")))
 
 
 def table(r: dict) -> str:

@@ -28,7 +28,7 @@ CONFIGS = ("full", "lora", "lora-dropout", "qlora", "plain")
 def batches(backbone: str, batch_size: int, seq_len: int, count: int, data: str):
     from transformers import AutoTokenizer
 
-    from lingtune.data.formats import read_jsonl
+    from lingtune.formats import read_jsonl
     from lingtune.train.loader import SFTDataset, collate_left_padded
 
     tokenizer = AutoTokenizer.from_pretrained(backbone)

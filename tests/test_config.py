@@ -28,11 +28,17 @@ def test_params_file_sets_every_field_explicitly(root):
     assert [key for key in missing(Params(), raw, "") if key != "sft_full"] == []
 
 
+def test_code_defaults_are_the_shipped_params(root):
+    """One source of truth: params.yaml states every default, and the typed config's defaults equal it."""
+    assert Params() == load_params(root / "params.yaml")
+
+
 def test_full_baseline_inherits_the_sft_recipe():
-    params = parse_params({"sft": {"max_steps": 77, "quantization": "nf4", "lora": {"r": 4}},
+    params = parse_params({"sft": {"max_steps": 77, "batch_size": 3, "quantization": "nf4", "lora": {"r": 4}},
                            "sft_full": {"lr": 3e-5}})
     full = params.sft_full
-    assert (full.method, full.quantization, full.max_steps, full.lr) == ("full", "none", 77, 3e-5)
+    assert (full.method, full.quantization, full.batch_size, full.lr) == ("full", "none", 3, 3e-5)
+    assert full.max_steps == 250  # the baseline's own step budget unless sft_full sets one
     assert full.out_dir == "models/sft_full" and full.metrics == "reports/sft_full.json"
     assert params.sft.out_dir == "models/sft"
     with pytest.raises(ConfigError, match=r"sft_full\.lr"):
@@ -59,6 +65,9 @@ def test_cross_field_rules():
         parse_params({"data": {"ner": {"min_chars": 50, "max_chars": 10}}})
     with pytest.raises(ConfigError, match="positive_share"):
         parse_params({"validate": {"positive_share": [0.7, 0.3]}})
+    with pytest.raises(ConfigError, match=r"evaluate\.max_lora_rank \(8\) is below sft\.lora\.r \(16\)"):
+        parse_params({"sft": {"lora": {"r": 16}}})
+    assert parse_params({"sft": {"lora": {"r": 16}}, "evaluate": {"max_lora_rank": 16}}).evaluate.max_lora_rank == 16
 
 
 def test_unreadable_files(tmp_path):

@@ -6,11 +6,14 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
-import lingtune.evaluate.engine as engine_module
-from lingtune.data.formats import Record
-from lingtune.data.prompts import answer_json, parse_answer
-from lingtune.evaluate.engine import TaskDecoder
-from lingtune.train.loader import IGNORE, encode_example
+import lingtune.decoding as decoding_module
+from lingtune import tasks
+from lingtune.decoding import TaskDecoder
+from lingtune.records import Record
+from lingtune.tasks.base import IGNORE, encode_example
+from lingtune.tasks.ner import ANSWER_REGEX
+
+SENTIMENT = tasks.get("sentiment")
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +38,20 @@ def test_one_step_sentiment_continues_the_trained_answer(tokenizer, label):
     prompt = decoder.prompt("sentiment", record.text)["prompt_token_ids"]
     deciding = trained.input_ids[len(prompt)]
     assert trained.input_ids[: len(prompt)] == prompt  # prompt + answer prefix, as trained
-    assert decoder.label_step.labels[deciding] == label
+    assert decoder.label_steps["sentiment"].labels[deciding] == label
     assert decoder.sampling("sentiment").max_tokens == 1
-    assert sorted(decoder.sampling("sentiment").allowed_token_ids) == sorted(decoder.label_step.labels)
+    assert sorted(decoder.sampling("sentiment").allowed_token_ids) == sorted(decoder.label_steps["sentiment"].labels)
     answer = decoder.answer("sentiment", SimpleNamespace(token_ids=[deciding], text=tokenizer.decode([deciding])))
-    assert answer == answer_json(record) and parse_answer("sentiment", answer).label == label
+    assert answer == SENTIMENT.answer(record) and SENTIMENT.parse(answer).label == label
 
 
 def test_labels_not_told_apart_by_one_token_fall_back_to_the_choice_constraint(tokenizer, monkeypatch):
     answers = {"positive": [7, 8], "negative": [7, 8, 9]}  # one label's tokens a prefix of the other's
-    monkeypatch.setattr(engine_module, "trained_encoding", lambda tok, record: ([1], answers[record.label]))
+    monkeypatch.setattr(decoding_module, "answer_ids", lambda tok, record: answers[record.label])
     decoder = TaskDecoder(tokenizer, 64)
-    assert decoder.label_step is None
+    assert decoder.label_steps["sentiment"] is None
     params = decoder.sampling("sentiment")
-    assert params.max_tokens > 1 and params.structured_outputs.choice == engine_module.SENTIMENT_CHOICES
+    assert params.max_tokens > 1 and params.structured_outputs.choice == ['{"label": "positive"}', '{"label": "negative"}']
     assert decoder.answer("sentiment", SimpleNamespace(token_ids=[5], text='{"label": "negative"}')) == \
         '{"label": "negative"}'
 
@@ -57,6 +60,6 @@ def test_unconstrained_and_ner_decode_the_whole_answer(tokenizer):
     decoder = TaskDecoder(tokenizer, 48)
     assert decoder.sampling("sentiment", constrained=False).allowed_token_ids is None
     ner = decoder.sampling("ner")
-    assert ner.max_tokens == 48 and ner.structured_outputs.regex == engine_module.NER_REGEX
+    assert ner.max_tokens == 48 and ner.structured_outputs.regex == ANSWER_REGEX
     output = SimpleNamespace(token_ids=[3, 4], text='{"entities": []}')
     assert decoder.answer("ner", output) == '{"entities": []}'

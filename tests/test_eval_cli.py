@@ -28,11 +28,11 @@ def test_eval_tiny_model_json(root, tmp_path):
             assert "warning:" in result.stderr and "texts are in" in result.stderr
     bad_task = lingtune_eval(tmp_path, "--model", str(model), "--data", str(root / "tests/data/val.jsonl"),
                              "--task", "pos")
-    assert bad_task.returncode == 1 and "sentiment or ner" in bad_task.stderr
+    assert bad_task.returncode == 2 and "unknown task 'pos'; lingtune knows sentiment, ner" in bad_task.stderr
 
 
 def test_eval_refuses_bad_models(root, tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
     for model, text in ((str(tmp_path), "neither a model folder"), ("models:/lingtune@champion", "registry")):
         result = lingtune_eval(tmp_path, "--data", str(root / "tests/data/val.jsonl"), "--model", model, "--task", "ner")
-        assert result.returncode == 1 and text in result.stderr and "Traceback" not in result.stderr
+        assert result.returncode == 2 and text in result.stderr and "Traceback" not in result.stderr

@@ -4,10 +4,24 @@ metrics go in MLflow (the run that trained each variant, or a run of its own).""
 import json
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from lingtune.config import parse_params
+from lingtune.errors import ModelError
 from lingtune.evaluate.run import comparison_table, default_model, log_to_mlflow, variants
+
+
+def fake_model(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def fake_adapter(folder, base):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    return folder
 
 
 def make_params(tmp_path):
@@ -25,8 +39,7 @@ def make_params(tmp_path):
 def test_variants_are_the_folders_that_exist(tmp_path):
     params = make_params(tmp_path)
     assert list(variants(params)) == ["base"]
-    (tmp_path / "sft").mkdir()
-    (tmp_path / "sft" / "adapter_config.json").write_text("{}")
+    fake_adapter(tmp_path / "sft", fake_model(tmp_path / "backbone"))
     (tmp_path / "sft.json").write_text(json.dumps({"mlflow_run_id": "abc"}))
     (tmp_path / "sft_full").mkdir()  # a folder without weights is not a variant
     found = variants(params)
@@ -39,14 +52,24 @@ def test_variants_are_the_folders_that_exist(tmp_path):
     assert found["sft-full"].ref.adapter is None and found["sft-full"].ref.base == tmp_path / "sft_full"
 
 
+def test_an_adapter_runs_on_the_base_it_was_trained_on_or_not_at_all(tmp_path):
+    params = make_params(tmp_path)
+    fake_model(tmp_path / "backbone")
+    other = fake_model(tmp_path / "other-base")
+    fake_adapter(tmp_path / "rl", other)
+    assert variants(params)["rl"].ref.base == other  # not params.backbone.out_dir
+    fake_adapter(tmp_path / "rl", tmp_path / "gone")
+    with pytest.raises(ModelError, match="trained on the base model .*gone, which is not a model folder here"):
+        variants(params)
+
+
 def test_metrics_go_to_each_variants_run(tmp_path):
     params = make_params(tmp_path)
     mlflow.set_tracking_uri(params.tracking.uri)
     mlflow.set_experiment(params.tracking.experiment)
     with mlflow.start_run(run_name="sft-lora") as training:
         mlflow.log_metric("train/loss", 0.1)
-    (tmp_path / "sft").mkdir()
-    (tmp_path / "sft" / "adapter_config.json").write_text("{}")
+    fake_adapter(tmp_path / "sft", fake_model(tmp_path / "backbone"))
     (tmp_path / "sft.json").write_text(json.dumps({"mlflow_run_id": training.info.run_id}))
     summary = {"base": {"sentiment.macro_f1": 0.33, "ner.recall": 0.0},
                "sft": {"sentiment.macro_f1": 0.87, "ner.recall": 0.4}}
@@ -86,3 +109,14 @@ def test_default_model_is_the_champion_else_the_latest_variant(tmp_path, monkeyp
     assert default_model(params) == "models/rl"  # registered, but no champion yet
     client.set_registered_model_alias("lingtune", "champion", version.version)
     assert default_model(params) == "models:/lingtune@champion"
+
+
+def test_engine_is_built_from_params_evaluate(tmp_path):
+    from lingtune.evaluate.run import engine_config
+
+    params = parse_params({"sft": {"lora": {"r": 16}},
+                           "evaluate": {"max_lora_rank": 16, "max_model_len": 512, "kv_cache_gb": 3,
+                                        "max_tokens_ner": 99, "cpu_threads_bind": "0"}})
+    cfg = engine_config(params)
+    assert (cfg.max_lora_rank, cfg.max_model_len, cfg.kv_cache_gb, cfg.max_tokens_ner, cfg.cpu_threads_bind) == \
+        (16, 512, 3, 99, "0")

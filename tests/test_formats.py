@@ -6,8 +6,10 @@ import pytest
 
 from conftest import write_jsonl
 from lingtune.data.convert import convert_file, read_chat
-from lingtune.data.formats import Entity, FormatError, Record, from_bio, read_bio, read_jsonl, to_bio
-from lingtune.data.prompts import from_messages, locate_entities, parse_answer, to_messages
+from lingtune.formats import Entity, FormatError, Record, from_bio, read_bio, read_jsonl, to_bio
+from lingtune import tasks
+from lingtune.data.convert import from_messages, to_messages
+from lingtune.tasks.ner import locate_entities
 
 NER = Record(text="江泽民在北京会见北京大学代表，江泽民说。", entities=(
     Entity(start=0, end=3, type="PER", text="江泽民"),
@@ -100,7 +102,7 @@ def test_chat_file_conversion_and_refusals(tmp_path):
     ('答案是 {"label": "neg"} 。', "negative"),
 ])
 def test_parse_sentiment_answers(answer, label):
-    parsed = parse_answer("sentiment", answer)
+    parsed = tasks.get("sentiment").parse(answer)
     assert parsed.valid and parsed.label == label
 
 
@@ -113,7 +115,7 @@ def test_parse_sentiment_answers(answer, label):
     ("ner", "[1, 2]", "no JSON object"),
 ])
 def test_parse_rejects_malformed_answers(task, answer, error):
-    parsed = parse_answer(task, answer)
+    parsed = tasks.get(task).parse(answer)
     assert not parsed.valid and error in parsed.error
 
 

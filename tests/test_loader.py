@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from lingtune.data.formats import Entity, Record
+from lingtune.formats import Entity, Record
 from lingtune.train.loader import IGNORE, BucketBatchSampler, SFTDataset, collate_left_padded, encode_example
 
 SENT = Record(text="这本书很好看，推荐！", label="positive")

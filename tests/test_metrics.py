@@ -1,13 +1,26 @@
-"""Metric functions on hand-made cases; NER strict matching checked against a brute-force count."""
+"""Task metrics on hand-made cases; NER strict matching checked against a brute-force count."""
 
 import random
 
 import pytest
 from sklearn.metrics import f1_score
 
-from lingtune.evaluate.metrics import ner_metrics, sentiment_metrics
-from lingtune.evaluate.run import predicted_spans, score
-from lingtune.data.formats import Entity, Record
+from lingtune import tasks
+from lingtune.evaluate.run import score
+from lingtune.records import Entity, Record
+from lingtune.tasks.ner import ENTITY_TYPES
+from lingtune.tasks.scores import classification_metrics, span_metrics
+
+predicted_spans = tasks.get("ner").predicted_spans
+
+
+def ner_metrics(gold, predicted):
+    return span_metrics(gold, predicted, ENTITY_TYPES)
+
+
+def sentiment_metrics(gold, predicted):
+    return classification_metrics(gold, predicted, ("positive", "negative"))
+
 
 GOLD = [(0, 3, "PER"), (4, 6, "LOC")]
 

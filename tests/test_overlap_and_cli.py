@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import write_jsonl
-from lingtune.data.formats import Record
+from lingtune.formats import Record
 from lingtune.data.overlap import overlap_report
 
 TRAIN = [Record(text="这家酒店的服务非常好，房间干净整洁，早餐也很丰富。", label="positive"),
@@ -54,19 +56,44 @@ def test_stats_command_json(tmp_path):
 
 def test_bad_input_gives_one_clear_line_and_no_traceback(tmp_path):
     cases = [
-        (["data", "overlap", str(tmp_path / "missing.jsonl"), str(tmp_path / "x.jsonl")], 1, "no such file"),
-        (["data", "convert", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")], 1, "no such file"),
+        (["data", "overlap", str(tmp_path / "missing.jsonl"), str(tmp_path / "x.jsonl")], 2, "no such file"),
+        (["data", "convert", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")], 2, "no such file"),
         (["prepare", "--params", str(tmp_path / "nope.yaml")], 2, "no such file"),
     ]
     bad_params = tmp_path / "bad.yaml"
     bad_params.write_text("data:\n  sentiment:\n    total: lots\n")
     cases.append((["prepare", "--params", str(bad_params)], 2, "data.sentiment.total"))
     broken = write_jsonl(tmp_path / "broken.jsonl", ['{"text": "x", "label": "positive"}', "{oops"])
-    cases.append((["data", "overlap", str(broken), str(broken)], 1, "broken.jsonl:2: not JSON"))
+    cases.append((["data", "overlap", str(broken), str(broken)], 2, "broken.jsonl:2: not JSON"))
     for args, code, text in cases:
         result = lingtune(*args)
         assert result.returncode == code, (args, result.stderr)
         assert text in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error: "), result.stderr
+
+
+def test_only_lingtune_errors_become_one_line_other_exceptions_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    import lingtune.data.card
+    from lingtune import cli
+    from lingtune.errors import DataError
+
+    (tmp_path / "params.yaml").write_text(f"data:\n  out_dir: {tmp_path}\n")
+    args = ["data", "stats", "--params", str(tmp_path / "params.yaml")]
+
+    def user_error(out_dir):
+        raise DataError("the splits are unusable")
+
+    monkeypatch.setattr(lingtune.data.card, "read_splits", user_error)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(args)
+    assert stopped.value.code == 2 and capsys.readouterr().err == "error: the splits are unusable\n"
+
+    def bug(out_dir):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(lingtune.data.card, "read_splits", bug)
+    with pytest.raises(KeyError):  # not swallowed into a one-line message
+        cli.main(args)
 
 
 def test_convert_command_round_trip(tmp_path):

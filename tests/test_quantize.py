@@ -24,12 +24,12 @@ def config(tmp_path, **overrides) -> QuantizeConfig:
 
 def test_bad_inputs_fail_before_any_work(tmp_path, tiny_model_dir):
     with pytest.raises(QuantizeError, match="nothing to quantize"):
-        quantize(config(tmp_path), str(tiny_model_dir), ROOT / "tests/data/train.jsonl")
+        quantize(config(tmp_path), ROOT / "tests/data/train.jsonl")
     make_adapter(tiny_model_dir, tmp_path / "models/sft", seed=1)
     with pytest.raises(QuantizeError, match=r"group_size 48 does not divide .*sizes that fit: \[32, 64\]"):
-        quantize(config(tmp_path, group_size=48), str(tiny_model_dir), ROOT / "tests/data/train.jsonl")
+        quantize(config(tmp_path, group_size=48), ROOT / "tests/data/train.jsonl")
     with pytest.raises(QuantizeError, match="no training split"):
-        quantize(config(tmp_path), str(tiny_model_dir), tmp_path / "missing.jsonl")
+        quantize(config(tmp_path), tmp_path / "missing.jsonl")
     assert not (tmp_path / "models/int4").exists()
 
 
@@ -46,11 +46,12 @@ def test_group_sizes_of_the_shipped_backbones(tmp_path):
 
 @pytest.mark.slow
 def test_gptq_int4_of_an_adapter_generates_in_vllm(tmp_path, tiny_model_dir):
-    from lingtune.data.formats import read_jsonl
-    from lingtune.evaluate.engine import SENTIMENT_CHOICES, Engine, EngineConfig
+    from lingtune.formats import read_jsonl
+    from lingtune import tasks
+    from lingtune.evaluate.engine import Engine, EngineConfig
 
     make_adapter(tiny_model_dir, tmp_path / "models/sft", seed=1)
-    card = quantize(config(tmp_path), str(tiny_model_dir), ROOT / "tests/data/train.jsonl", log=lambda m: None)
+    card = quantize(config(tmp_path), ROOT / "tests/data/train.jsonl", log=lambda m: None)
     out = tmp_path / "models/int4"
     assert card["source"].endswith("models/sft") and card["method"] == "gptq" and card["calibration_samples"] == 8
     assert json.loads((out / CARD).read_text()) == card
@@ -58,14 +59,14 @@ def test_gptq_int4_of_an_adapter_generates_in_vllm(tmp_path, tiny_model_dir):
     weights = quant["config_groups"]["group_0"]["weights"]
     assert quant["quant_method"] == "compressed-tensors" and quant["ignore"] == ["lm_head"]
     assert (weights["num_bits"], weights["group_size"], weights["strategy"]) == (4, 32, "group")
-    assert not list(tmp_path.glob("models/.quantize-*")) and not (tmp_path / "models/int4.partial").exists()
+    assert not list(tmp_path.glob("models/.quantize-*")) and not list(tmp_path.glob("models/.int4.partial-*"))
 
     engine = Engine(out, EngineConfig(kv_cache_gb=1, max_model_len=512), enable_lora=False)
     records = read_jsonl(ROOT / "tests/data/val.jsonl")[:4]
     free = engine.generate(records, constrained=False)
     assert len(free) == 4 and all(isinstance(text, str) and text for text in free)
     sentiment = [r for r in read_jsonl(ROOT / "tests/data/val.jsonl", task="sentiment")][:2]
-    assert all(answer in SENTIMENT_CHOICES for answer in engine.generate(sentiment))
+    assert all(answer in tasks.get("sentiment").choices() for answer in engine.generate(sentiment))
 
 
 @pytest.mark.parametrize("recipe, message", [("bad={x", "overrides are not JSON"),

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from lingtune.config import parse_params
-from lingtune.evaluate.run import resolve_model
-from lingtune.register import folder_sha256, promote, run_register
+from lingtune.artifacts import content_hash
+from lingtune.models import resolve as resolve_model
+from lingtune.register import promote, run_register
+from lingtune.errors import ModelError
 from lingtune.registry import RegistryError, client
 
 
@@ -80,25 +82,25 @@ def test_register_gate_and_load_by_alias(project, tiny_model_dir):
     assert version.tags["lingtune.kind"] == "lora" and "## Serve it" in version.description
     assert "models:/lingtune@champion" in version.description
 
-    ref = resolve_model("models:/lingtune@champion", "unused", "unused", params.tracking.uri, str(root / "cache"))
+    ref = resolve_model("models:/lingtune@champion", params.tracking.uri, str(root / "cache"))
     assert ref.base == tiny_model_dir and ref.adapter is not None
     stored = sorted(p.name for p in ref.adapter.iterdir() if not p.name.startswith("."))
     assert stored == sorted(p.name for p in adapter.iterdir())  # the adapter only, no base weights
-    assert folder_sha256(adapter) == version.tags["lingtune.content_sha256"]
-    old = resolve_model("models:/lingtune/1", "unused", "unused", params.tracking.uri, str(root / "cache"))
+    assert content_hash(adapter) == version.tags["lingtune.content_sha256"]
+    old = resolve_model("models:/lingtune/1", params.tracking.uri, str(root / "cache"))
     assert old.adapter.parent.name == "lingtune" and old.adapter.name == "1"
 
 
 def test_bad_registry_uris(project):
     root, params = project
     with pytest.raises(RegistryError, match="no MLflow model registry"):
-        resolve_model("models:/lingtune@champion", "b", "d", params.tracking.uri, str(root / "cache"))
+        resolve_model("models:/lingtune@champion", params.tracking.uri, str(root / "cache"))
     with pytest.raises(RegistryError, match="expected models:/<name>@<alias>"):
-        resolve_model("models:/lingtune", "b", "d", params.tracking.uri, str(root / "cache"))
-    with pytest.raises(ValueError, match="no MLflow model registry"):
+        resolve_model("models:/lingtune", params.tracking.uri, str(root / "cache"))
+    with pytest.raises(RegistryError, match="no MLflow model registry"):
         promote(params)
     assert not (root / "mlflow.db").exists()  # a look-up creates no store
-    with pytest.raises(ValueError, match="nothing to register"):
+    with pytest.raises(ModelError, match="nothing to register"):
         run_register(params, log=lambda m: None)
 
 
@@ -120,7 +122,7 @@ def test_promote_cli_gate_and_force(project, tiny_model_dir):
     forced = promote("--version", "2", "--force")
     assert forced.returncode == 0 and "v2 is champion (forced" in forced.stdout
     missing = promote("--version", "9")
-    assert missing.returncode == 1 and "no version 9" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "no version 9" in missing.stderr and "Traceback" not in missing.stderr
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ import pytest
 
 from lingtune.config import RewardConfig, RewardWeights, parse_params
 from lingtune.judge import RubricJudge
-from lingtune.train.rewards import (COMPONENTS, entity_score, make_weight_schedule, ner_reward_fn, reward_functions,
-                                 sentiment_reward, weighted_reward, weights_at)
+from lingtune.records import Record
+from lingtune.train.rewards import (COMPONENTS, gold_column, make_weight_schedule, reward_functions, task_reward_fn,
+                                    weighted_reward, weights_at)
 from lingtune.train.scoring import consistency
 
 TEXT = "江泽民在北京会见李鹏。"
@@ -21,13 +22,19 @@ def ner_answer(*pairs) -> str:
     return json.dumps({"entities": [{"text": t, "type": y} for t, y in pairs]}, ensure_ascii=False)
 
 
+def column(*records) -> list[str]:
+    return [gold_column(r) for r in records]
+
+
 def test_sentiment_reward_is_per_sample_correctness_and_none_off_task():
+    sentiment = task_reward_fn("sentiment")
     completions = ['{"label": "positive"}', '{"label": "negative"}', "positive!", '{"entities": []}']
-    out = sentiment_reward(completions, task=["sentiment"] * 3 + ["ner"], label=["positive"] * 3 + [None])
+    good, ner = Record(text="好书", label="positive"), Record(text="好书", entities=())
+    out = sentiment(completions, task=["sentiment"] * 3 + ["ner"], record=column(good, good, good, ner))
     assert out == [1.0, 0.0, 0.0, None]
     chat = [[{"role": "assistant", "content": '{"label": "positive"}'}]]  # TRL's conversational completions
-    assert sentiment_reward(chat, task=["sentiment"], label=["positive"]) == [1.0]
-    assert sentiment_reward.__name__ == "sentiment"
+    assert sentiment(chat, task=["sentiment"], record=column(good)) == [1.0]
+    assert sentiment.__name__ == "sentiment"
 
 
 @pytest.mark.parametrize("answer,recall,f1", [
@@ -39,18 +46,18 @@ def test_sentiment_reward_is_per_sample_correctness_and_none_off_task():
     ("江泽民", 0.0, 0.0),                                                 # not JSON
 ])
 def test_entity_recall_and_f1(answer, recall, f1):
-    from collections import Counter
+    from lingtune import tasks
 
-    gold = Counter((g["start"], g["end"], g["type"]) for g in GOLD)
-    assert entity_score(TEXT, answer, gold, "recall") == pytest.approx(recall)
-    assert entity_score(TEXT, answer, gold, "f1") == pytest.approx(f1)
+    record = Record(text=TEXT, entities=tuple(GOLD))
+    assert tasks.get("ner").reward(record, answer, "recall") == pytest.approx(recall)
+    assert tasks.get("ner").reward(record, answer, "f1") == pytest.approx(f1)
 
 
 def test_ner_reward_function_and_empty_gold():
-    ner = ner_reward_fn("recall")
+    ner = task_reward_fn("ner", "recall")
+    gold, empty = Record(text=TEXT, entities=tuple(GOLD)), Record(text="今天天气好", entities=())
     out = ner([ner_answer(("北京", "LOC")), '{"entities": []}', ner_answer(("北京", "LOC")), '{"label": "positive"}'],
-              task=["ner", "ner", "ner", "sentiment"], text=[TEXT, "今天天气好", "今天天气好", "好"],
-              entities=[GOLD, [], [], []])
+              task=["ner", "ner", "ner", "sentiment"], record=column(gold, empty, empty, Record(text="好", label="positive")))
     assert out == [pytest.approx(1 / 3), 1.0, 0.0, None]
     assert ner.__name__ == "ner"
 

@@ -77,13 +77,13 @@ def test_trl_renders_the_sft_prompt(tiny_model_dir):
     """TRL tokenises conversational prompts with the chat template: the same ids as SFT's prompt."""
     from transformers import AutoTokenizer
 
-    from lingtune.data.formats import Record
-    from lingtune.data.prompts import user_prompt
-    from lingtune.train.loader import encode_example
+    from lingtune import tasks
+    from lingtune.records import Record
+    from lingtune.tasks.base import encode_example
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     record = Record(text="这本书很好看", label="positive")
-    trl_ids = tokenizer.apply_chat_template(conversation=[[{"role": "user", "content": user_prompt("sentiment", record.text)}]],
+    trl_ids = tokenizer.apply_chat_template(conversation=[tasks.get("sentiment").messages(record)[:1]],
                                             add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][0]
     sft = encode_example(tokenizer, record)
     assert sft.input_ids[: len(trl_ids)] == list(trl_ids)

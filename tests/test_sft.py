@@ -152,7 +152,7 @@ def test_full_baseline_trains_beside_the_adapter(root, tmp_path):
 def test_non_finite_loss_never_writes_weights(root, tmp_path, policy):
     project = make_project(root, tmp_path, max_steps=8, lr=1e30, on_nonfinite=policy, precision="32-true")
     result = run_sft(project)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "error:" in result.stderr and ("non-finite" in result.stderr or "NaN/inf" in result.stderr)
     assert "Traceback" not in result.stderr
     assert not (project / "models" / "sft").exists()

@@ -89,5 +89,5 @@ def test_cli_exits_non_zero_with_the_rows(tmp_path, root):
     params_file.write_text(f"data:\n  out_dir: {tmp_path}/data\nvalidate:\n  report: {tmp_path}/r.json\n")
     result = subprocess.run([sys.executable, "-m", "lingtune.cli", "validate", "--params", str(params_file)],
                             capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "test.jsonl:4" in result.stderr and "Traceback" not in result.stderr

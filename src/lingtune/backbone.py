@@ -19,17 +19,16 @@ itself loaded in the same dtype; the result lands in `lingtune_backbone.json` be
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from lingtune.artifacts import content_hash, publishing, write_json
 from lingtune.config import BackboneConfig
+from lingtune.errors import StageError
 
 # Gemma's turn format. The base model has no system role: a system message is folded into
 # the first user turn. `bos_token` is written by the template, so chat prompts must be
@@ -49,7 +48,7 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
-class BackboneError(RuntimeError):
+class BackboneError(StageError):
     """The backbone cannot be found, converted, or does not match its source."""
 
 
@@ -147,14 +146,6 @@ def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class BackboneCard:
     name: str
@@ -168,52 +159,42 @@ class BackboneCard:
     greedy_matches_source: bool | None
 
 
-def _save(model, tokenizer, out_dir: Path) -> None:
-    """Write the folder next to its final place, then swap, so a failure leaves no half folder."""
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
-
-
 def build_backbone(cfg: BackboneConfig) -> BackboneCard:
-    """Convert (or copy) the configured backbone into `cfg.out_dir` and verify it."""
+    """Convert (or copy) the configured backbone into `cfg.out_dir`; with `cfg.verify`, the converted
+    folder is checked before it replaces the old one."""
     dtype = getattr(torch, cfg.dtype)
-    out_dir = Path(cfg.out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="lingtune-gguf-") as work:
+    with tempfile.TemporaryDirectory(prefix="lingtune-gguf-") as work, publishing(cfg.out_dir) as staging:
         source = resolve_gguf(cfg.name, Path(work))
         model, tokenizer = load_gguf(source, dtype) if source else load_hf(cfg.name, dtype)
         model.eval()
         parameters = sum(p.numel() for p in model.parameters())
         reference = greedy_text(model, tokenizer, cfg.verify_prompt, cfg.verify_tokens)
-        _save(model, tokenizer, out_dir)
-        digest = sha256_file(source.gguf_path) if source else None
-    del model
-    matches = None
-    if cfg.verify:
-        saved_model, saved_tokenizer = load_hf(str(out_dir), dtype)
-        text = greedy_text(saved_model.eval(), saved_tokenizer, cfg.verify_prompt, cfg.verify_tokens)
-        matches = text == reference
-        if not matches:
-            raise BackboneError(
-                f"the converted model generates {text!r} but its source generates {reference!r}"
-            )
-    card = BackboneCard(
-        name=cfg.name,
-        source=str(source.hf_id if source else cfg.name),
-        license=source.license if source else "see the model's own licence",
-        dtype=cfg.dtype,
-        parameters=parameters,
-        source_sha256=digest,
-        verify_prompt=cfg.verify_prompt,
-        greedy_text=reference,
-        greedy_matches_source=matches,
-    )
-    (out_dir / "lingtune_backbone.json").write_text(json.dumps(asdict(card), ensure_ascii=False, indent=2))
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        del model
+        matches = verify(staging, dtype, cfg, reference) if cfg.verify else None
+        card = BackboneCard(
+            name=cfg.name,
+            source=str(source.hf_id if source else cfg.name),
+            license=source.license if source else "see the model's own licence",
+            dtype=cfg.dtype,
+            parameters=parameters,
+            source_sha256=content_hash(source.gguf_path) if source else None,
+            verify_prompt=cfg.verify_prompt,
+            greedy_text=reference,
+            greedy_matches_source=matches,
+        )
+        write_json(staging / "lingtune_backbone.json", asdict(card))
     return card
+
+
+def verify(folder: Path, dtype, cfg: BackboneConfig, reference: str) -> bool:
+    """The saved folder generates the source's greedy text; a BackboneError otherwise."""
+    saved_model, saved_tokenizer = load_hf(str(folder), dtype)
+    text = greedy_text(saved_model.eval(), saved_tokenizer, cfg.verify_prompt, cfg.verify_tokens)
+    if text != reference:
+        raise BackboneError(f"the converted model generates {text!r} but its source generates {reference!r}")
+    return True
 
 
 def load_backbone(path: str | Path, dtype: torch.dtype = torch.bfloat16):

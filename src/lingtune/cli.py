@@ -1,7 +1,8 @@
 """The `lingtune` command: one subcommand per pipeline stage, plus data utilities. Nothing else.
 
-Every subcommand reads params.yaml once (`--params` to pick another file), and bad input of any
-kind ends with `error: ...` on stderr and exit status 1 (2 for bad params), never a traceback.
+Every subcommand reads params.yaml once (`--params` to pick another file). Bad input of any kind
+(a LingtuneError: params, data, model folders, registry, endpoints) ends with one line `error: ...` on
+stderr and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
-from lingtune.env import apply_offline_defaults
+from lingtune.env import apply_offline_defaults, quiet_library_noise
 
 apply_offline_defaults()
+quiet_library_noise()
 
-from lingtune.config import ConfigError, Params, load_params  # noqa: E402
+from lingtune.config import Params, load_params  # noqa: E402
+from lingtune.errors import LingtuneError  # noqa: E402
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -174,7 +178,7 @@ def serve(
 @app.command("eval")
 def eval_file(
     data: Path = typer.Option(..., "--data", help="file in the neutral format"),
-    task: str = typer.Option(..., "--task", help="sentiment | ner"),
+    task: str = typer.Option(..., "--task", help="a task name: sentiment | ner"),
     model: Optional[str] = typer.Option(None, "--model", help="model folder, LoRA adapter or models:/name@alias "
                                         "(default: the registry's champion, else the latest trained variant)"),
     free: bool = typer.Option(False, "--free", help="free decoding instead of constrained"),
@@ -182,27 +186,29 @@ def eval_file(
     params: Path = ParamsOption,
 ) -> None:
     """Evaluate a model on any file: sentiment accuracy/macro-F1 or NER strict-span P/R/F1."""
-    from lingtune.data.formats import read_jsonl
+    from lingtune import tasks
+    from lingtune.formats import read_jsonl
     from lingtune.data.overlap import overlap_report
-    from lingtune.evaluate.run import default_model, evaluate_file, resolve_model
+    from lingtune.evaluate.run import default_model, engine_config, evaluate_file
+    from lingtune.models import resolve
 
     cfg = _params(params)
+    spec = tasks.get(task)
     model = model or default_model(cfg)
     typer.echo(f"model: {model}", err=True)
-    ref = resolve_model(model, cfg.backbone.out_dir, cfg.sft.out_dir, cfg.tracking.uri, cfg.register_.cache_dir)
+    ref = resolve(model, cfg.tracking.uri, cfg.register_.cache_dir)
     train = Path(cfg.data.out_dir) / "train.jsonl"
     if train.is_file():
         report = overlap_report(read_jsonl(train), read_jsonl(data, task=task))
         if report.exact or report.ngram_contaminated:
             typer.echo(f"warning: {report.exact} of {report.eval} texts are in {train} and "
                        f"{report.ngram_contaminated} share >= {report.threshold:.0%} of their 8-grams with it", err=True)
-    metrics = evaluate_file(ref, data, task, constrained=not free)
+    metrics = evaluate_file(ref, data, task, constrained=not free, engine_cfg=engine_config(cfg))
     metrics.pop("confusion", None)
     if as_json:
         _print_json(metrics)
         return
-    keys = ("accuracy", "macro_f1") if task == "sentiment" else ("precision", "recall", "f1")
-    typer.echo(f"{task} on {data} (n={metrics['n']}): " + ", ".join(f"{k} {metrics[k]:.1%}" for k in keys)
+    typer.echo(f"{task} on {data} (n={metrics['n']}): " + ", ".join(f"{k} {metrics[k]:.1%}" for k in spec.summary_keys)
                + f", invalid {metrics['invalid_rate']:.1%}")
 
 
@@ -234,7 +240,7 @@ def data_overlap(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Exact and n-gram overlap between two files in the neutral format."""
-    from lingtune.data.formats import read_jsonl
+    from lingtune.formats import read_jsonl
     from lingtune.data.overlap import overlap_report, overlap_text
 
     report = overlap_report(read_jsonl(train), read_jsonl(evaluation), n=n, threshold=threshold)
@@ -255,38 +261,19 @@ def data_convert(
     typer.echo(f"wrote {count} records to {target}")
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    from lingtune.backbone import BackboneError
-    from lingtune.data.corpora import CorpusError
-    from lingtune.data.formats import FormatError
-    from lingtune.data.prepare import PrepareError
-    from lingtune.data.validate import ValidationFailed
-    from lingtune.judge import JudgeError
-    from lingtune.quantize import QuantizeError
-
-    return (BackboneError, CorpusError, FormatError, PrepareError, ValidationFailed, JudgeError, QuantizeError, ValueError, OSError)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
-    except ConfigError as exc:
+    except LingtuneError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - only the known kinds are turned into messages
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, _known_errors()):
-            typer.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        raise
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

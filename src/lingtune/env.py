@@ -36,3 +36,44 @@ def bind_vllm_cpu_threads(setting: str) -> None:
     """
     value = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))) if setting == "all" else setting
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", value)
+
+
+# Messages a lingtune user can do nothing about, matched by their start (checked against the pinned stack).
+_NOISE_WARNINGS = (
+    r".*'set_vital' is deprecated",  # torchdata's StatefulDataLoader on torch 2.13
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree helper
+    r".*_register_pytree_node is deprecated",
+    r".*The '(train|val)_dataloader' does not have many workers",  # num_workers=0 is deliberate (resumable)
+)
+_NOISE_LOG_LINES = (
+    "Failed to load CPU gemm_4bit_forward",  # bitsandbytes on a CPU without its optional kernel
+    "💡 Tip:",  # Lightning's litlogger advertisement
+    "No tokenizer found in",  # vLLM, once per LoRA request: the adapter uses the base's tokenizer
+)
+
+
+class _DropNoise:
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE_LOG_LINES)
+
+
+def quiet_library_noise() -> None:
+    """Filter the warnings and log lines of the stack that say nothing actionable to a lingtune user.
+    Without a terminal, progress bars are off (they fill logs with carriage returns); long stages
+    print a line every N steps instead."""
+    import logging
+    import sys
+    import warnings
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+    for pattern in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("bitsandbytes", "bitsandbytes.cextension", "lightning.pytorch.utilities.rank_zero",
+                 "pytorch_lightning.utilities.rank_zero", "vllm", "vllm.lora.request", "vllm.lora.worker_manager"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())

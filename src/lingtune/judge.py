@@ -1,7 +1,7 @@
 """Instruction-following judges: how well does an answer follow the prompt it was given? Scores in [0, 1].
 
 * `RubricJudge` (default, offline, free): scores the answer's form from the answer itself, four checks
-  worth a quarter each: it parses as the task's schema (`prompts.parse_answer`), it is nothing but that
+  worth a quarter each: it parses as the task's schema (`Task.parse`), it is nothing but that
   JSON object (no prose, no code fence), it uses the exact schema (only the expected keys, canonical
   label / type spellings), and every entity it names occurs in the input text. An answer that does not
   parse scores 0.
@@ -27,13 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from lingtune import tasks
 from lingtune.config import JudgeConfig
-from lingtune.data.formats import ENTITY_TYPES, LABELS
-from lingtune.data.prompts import parse_answer, user_prompt
+from lingtune.errors import JudgeError
+from lingtune.tasks.base import first_json_object
 
-
-class JudgeError(RuntimeError):
-    """The judge could not score (endpoint unreachable after retries, missing key, HTTP error)."""
+__all__ = ["JudgeError", "JudgeItem", "make_judge", "rubric_score"]
 
 
 @dataclass(frozen=True)
@@ -76,37 +75,17 @@ def _whole_json(answer: str) -> object | None:
         return None
 
 
-def _first_object(answer: str) -> object | None:
-    """The first JSON value that starts at a "{" (what parse_answer reads too)."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", answer):
-        try:
-            return decoder.raw_decode(answer, match.start())[0]
-        except json.JSONDecodeError:
-            continue
-    return None
-
-
-def _exact_schema(task: str, obj: object) -> bool:
-    if not isinstance(obj, dict):
-        return False
-    if task == "sentiment":
-        return set(obj) == {"label"} and obj["label"] in LABELS
-    items = obj.get("entities")
-    return (set(obj) == {"entities"} and isinstance(items, list)
-            and all(isinstance(e, dict) and set(e) == {"text", "type"} and e["type"] in ENTITY_TYPES for e in items))
-
-
 def rubric_checks(task: str, text: str, answer: str) -> dict[str, float]:
     """The four checks of the rubric, each in [0, 1]; all 0 when the answer does not parse."""
-    parsed = parse_answer(task, answer)
+    spec = tasks.get(task)
+    parsed = spec.parse(answer)
     if not parsed.valid:
         return {"parses": 0.0, "only_json": 0.0, "exact_schema": 0.0, "grounded": 0.0}
     whole = _whole_json(answer)
     names = [surface for surface, _ in parsed.entities]
     grounded = sum(surface in text for surface in names) / len(names) if names else 1.0
     return {"parses": 1.0, "only_json": float(isinstance(whole, dict)),
-            "exact_schema": float(_exact_schema(task, _first_object(answer))), "grounded": grounded}
+            "exact_schema": float(spec.exact_schema(first_json_object(answer))), "grounded": grounded}
 
 
 def rubric_score(task: str, text: str, answer: str) -> float:
@@ -136,7 +115,7 @@ SYSTEM = ("You grade how well an answer follows the instruction it was given: th
 
 def judge_messages(item: JudgeItem) -> list[dict]:
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Instruction:\n{user_prompt(item.task, item.text)}\n\nAnswer:\n{item.answer}"}]
+            {"role": "user", "content": f"Instruction:\n{tasks.get(item.task).user_prompt(item.text)}\n\nAnswer:\n{item.answer}"}]
 
 
 def parse_grade(reply: str) -> float | None:

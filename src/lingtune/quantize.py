@@ -8,13 +8,13 @@
   RTN needs no data. Both quantize every Linear layer but the LM head, in groups of
   `group_size` input columns, which must divide every layer's input width: checked before any
   work (Gemma 3 270M: 640, 1024, 2048 -> 128; SmolLM2-135M: 576 -> 64).
-* The output is written to `<out_dir>.partial` and renamed at the end: a failed run leaves no
-  half-written model behind.
+* The output is published with `artifacts.publishing`: a failed run leaves the previous model
+  in place and nothing half-written.
+* A LoRA source is merged into the base it was trained on (its adapter_config), never another.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,20 +25,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from lingtune.artifacts import content_hash, publishing, write_json
 from lingtune.config import QuantizeConfig
+from lingtune.errors import StageError
+from lingtune.models import ModelRef, folder_ref, merge
 
 WORKER = Path(__file__).with_name("quantize_worker.py")
 CARD = "lingtune_int4.json"
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(StageError):
     """The quantize stage cannot run: no source model, a bad group size, or the worker failed."""
 
 
-def pick_source(sources: list[str]) -> Path:
-    for folder in map(Path, sources):
-        if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-            return folder
+def pick_source(sources: list[str]) -> ModelRef:
+    for folder in sources:
+        ref = folder_ref(folder)
+        if ref is not None:
+            return ref
     raise QuantizeError(f"nothing to quantize: none of {sources} holds a model or a LoRA adapter "
                         "(run `dvc repro sft` first)")
 
@@ -60,40 +64,19 @@ def check_group_size(model_dir: Path, group_size: int) -> None:
                             f"{model_dir}; sizes that fit: {divisors or 'none of 32/64/128/256'}")
 
 
-def merge(source: Path, backbone_dir: str, out: Path) -> Path:
-    """A LoRA adapter merged into its base (bf16), saved with the base's tokenizer; a full model as is."""
-    if not (source / "adapter_config.json").is_file():
-        return source
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.bfloat16)
-    merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(backbone_dir).save_pretrained(out)
-    return out
-
-
 def write_calibration(model_dir: Path, train_file: Path, samples: int, seed: int, out: Path) -> int:
-    """`samples` training examples (seeded), tokenized as the SFT stage does: template prompt + answer."""
-    from transformers import AutoTokenizer
-
-    from lingtune.data.formats import read_jsonl
-    from lingtune.data.prompts import to_messages
+    """`samples` training examples (seeded), token ids exactly as SFT trains on them (prompt + answer)."""
+    from lingtune.formats import read_jsonl
+    from lingtune.models import load_tokenizer
+    from lingtune.tasks.base import encode_example
 
     records = read_jsonl(train_file)
     chosen = random.Random(seed).sample(records, min(samples, len(records)))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     with open(out, "w", encoding="utf-8") as handle:
         for record in chosen:
-            text = tokenizer.apply_chat_template(to_messages(record), tokenize=False)
-            handle.write(json.dumps({"input_ids": tokenizer(text, add_special_tokens=False)["input_ids"]}) + "\n")
+            handle.write(json.dumps({"input_ids": encode_example(tokenizer, record).input_ids}) + "\n")
     return len(chosen)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ensure_env(env_dir: str | Path, requirements: str | Path, log=print) -> Path:
@@ -102,7 +85,7 @@ def ensure_env(env_dir: str | Path, requirements: str | Path, log=print) -> Path
     if not requirements.is_file():
         raise QuantizeError(f"{requirements}: no such file (quantize.env_requirements)")
     stamp, python = env / ".lingtune-requirements.sha256", env / "bin" / "python"
-    if stamp.is_file() and python.exists() and stamp.read_text().strip() == _sha256(requirements):
+    if stamp.is_file() and python.exists() and stamp.read_text().strip() == content_hash(requirements):
         return python
     log(f"creating {env} from {requirements} (first use; about a minute)")
     shutil.rmtree(env, ignore_errors=True)
@@ -113,7 +96,7 @@ def ensure_env(env_dir: str | Path, requirements: str | Path, log=print) -> Path
         if done.returncode != 0:
             shutil.rmtree(env, ignore_errors=True)
             raise QuantizeError(f"creating {env} failed ({' '.join(step[:4])} ...): {done.stderr.strip()[-800:]}")
-    stamp.write_text(_sha256(requirements))
+    stamp.write_text(content_hash(requirements))
     return python
 
 
@@ -130,22 +113,19 @@ def run_worker(python: Path, job: dict, work: Path, threads: int) -> dict:
     return json.loads(result[-1].split(" ", 1)[1])
 
 
-def quantize(cfg: QuantizeConfig, backbone_dir: str, train_file: Path, seed: int = 42, log=print) -> dict:
+def quantize(cfg: QuantizeConfig, train_file: Path, seed: int = 42, log=print) -> dict:
     """Merge, quantize and write `cfg.out_dir`; returns the card written beside the weights."""
     source = pick_source(cfg.sources)
-    check_group_size(Path(backbone_dir) if (source / "adapter_config.json").is_file() else source, cfg.group_size)
+    check_group_size(source.base, cfg.group_size)
     if cfg.method == "gptq" and not train_file.is_file():
         raise QuantizeError(f"{train_file}: no training split to calibrate GPTQ on (run `dvc repro prepare`)")
     python = ensure_env(cfg.env_dir, cfg.env_requirements, log)
-    out = Path(cfg.out_dir)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quantize-") as tmp:
+    shown = source.adapter or source.base
+    with publishing(cfg.out_dir) as partial, tempfile.TemporaryDirectory(dir=partial.parent, prefix=".quantize-") as tmp:
         work = Path(tmp)
-        log(f"merging {source} into {backbone_dir}")
-        merged = merge(source, backbone_dir, work / "merged")
+        log(f"merging {shown} into {source.base}")
+        merged = merge(source, work / "merged")
         samples = (write_calibration(merged, train_file, cfg.calibration_samples, seed, work / "calibration.jsonl")
                    if cfg.method == "gptq" else 0)
         log(f"quantizing ({cfg.method}, group {cfg.group_size}, {samples} calibration examples, {cfg.threads} thread(s))")
@@ -154,15 +134,13 @@ def quantize(cfg: QuantizeConfig, backbone_dir: str, train_file: Path, seed: int
                "dampening_frac": cfg.dampening_frac, "ignore": ["lm_head"],
                "actorder": None if cfg.actorder == "none" else cfg.actorder, "observer": cfg.observer}
         worker = run_worker(python, job, work, cfg.threads)
-    card = {"source": str(source), "backbone": str(backbone_dir), "method": cfg.method, "group_size": cfg.group_size,
-            "actorder": cfg.actorder, "observer": cfg.observer,
-            "calibration_samples": samples, "scheme": "W4A16", "format": "compressed-tensors",
-            "quantize_seconds": worker["seconds"], "stage_seconds": round(time.time() - started, 1)}
-    (partial / CARD).write_text(json.dumps(card, indent=2))
-    for path in partial.iterdir():
-        path.chmod(0o644)  # safetensors writes 0600; a DVC/MLflow copy should be readable like the rest
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+        card = {"source": str(shown), "backbone": str(source.base), "method": cfg.method,
+                "group_size": cfg.group_size, "actorder": cfg.actorder, "observer": cfg.observer,
+                "calibration_samples": samples, "scheme": "W4A16", "format": "compressed-tensors",
+                "quantize_seconds": worker["seconds"], "stage_seconds": round(time.time() - started, 1)}
+        write_json(partial / CARD, card)
+        for path in partial.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; a DVC/MLflow copy should be readable like the rest
     return card
 
 
@@ -171,7 +149,7 @@ def run_quantize(params) -> dict:
     from lingtune.tracking import stage_run
 
     cfg = params.quantize
-    card = quantize(cfg, params.backbone.out_dir, Path(params.data.out_dir) / "train.jsonl", params.seed,
+    card = quantize(cfg, Path(params.data.out_dir) / "train.jsonl", params.seed,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     with stage_run(params.tracking, "quantize", {"quantize": cfg.model_dump()}, {"source": card["source"]}):
         import mlflow

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from lingtune.artifacts import content_hash, write_json
 from lingtune.config import RegisterConfig
+from lingtune.errors import ModelError, RegistryError, StageError
+from lingtune.models import is_adapter, is_model, recorded_base
 from lingtune.registry import alias_version, client, get_version, set_alias, store_exists
 
 
@@ -29,17 +32,6 @@ class GateDecision:
     reason: str
     candidate: str
     champion_before: str | None
-
-
-def folder_sha256(folder: Path) -> str:
-    """Content hash of a folder (relative names and bytes), to register an unchanged folder once."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def dvc_hashes(lock_file: Path) -> dict[str, str]:
@@ -73,11 +65,11 @@ def lineage_tags(params, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
 
 
 def variant_tags(variant: str, folder: Path, params, metrics: dict, keys: list[str]) -> dict[str, str]:
-    lora = (folder / "adapter_config.json").is_file()
+    lora = is_adapter(folder)
     tags = {"lingtune.variant": variant, "lingtune.kind": "lora" if lora else "model",
-            "lingtune.content_sha256": folder_sha256(folder), "dvc.md5": dvc_hashes(Path("dvc.lock")).get(str(folder), "")}
+            "lingtune.content_sha256": content_hash(folder), "dvc.md5": dvc_hashes(Path("dvc.lock")).get(str(folder), "")}
     if lora:
-        tags["lingtune.base_model"] = params.backbone.out_dir
+        tags["lingtune.base_model"] = recorded_base(folder) or params.backbone.out_dir
     tags.update({f"eval.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))})
     if (score := gate_score(metrics, keys)) is not None:
         tags["eval.gate_score"] = f"{score:.6g}"
@@ -181,10 +173,9 @@ def run_register(params, log=lambda m: print(m, file=sys.stderr, flush=True)) ->
     cfg = params.register_
     metrics_file = Path(cfg.eval_metrics)
     evaluated = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    folders = {v: Path(f) for v, f in cfg.variants.items()
-               if (Path(f) / "adapter_config.json").is_file() or (Path(f) / "config.json").is_file()}
+    folders = {v: Path(f) for v, f in cfg.variants.items() if is_adapter(f) or is_model(f)}
     if not folders:
-        raise ValueError(f"nothing to register: none of {sorted(cfg.variants.values())} holds a model or adapter")
+        raise ModelError(f"nothing to register: none of {sorted(cfg.variants.values())} holds a model or adapter")
     mlflow_client, lineage = client(params.tracking.uri), lineage_tags(params)
     try:
         mlflow_client.get_registered_model(cfg.model_name)
@@ -203,7 +194,7 @@ def run_register(params, log=lambda m: print(m, file=sys.stderr, flush=True)) ->
             log(f"{variant}: {cfg.model_name} v{versions[variant]} ({'new' if new else 'unchanged, retagged'})")
     chosen = pick_candidate(cfg, scores)
     if chosen is None:
-        raise ValueError(f"register.candidate {cfg.candidate!r}: no registered variant with {cfg.gate_metrics} "
+        raise StageError(f"register.candidate {cfg.candidate!r}: no registered variant with {cfg.gate_metrics} "
                          f"in {metrics_file} (registered: {sorted(versions)})")
     set_alias(mlflow_client, cfg.model_name, cfg.candidate_alias, versions[chosen])
     decision = gate(mlflow_client, cfg, versions[chosen])
@@ -211,8 +202,7 @@ def run_register(params, log=lambda m: print(m, file=sys.stderr, flush=True)) ->
     result = {"model": cfg.model_name, "versions": versions, "scores": scores, "candidate": chosen,
               "candidate_version": versions[chosen], "promoted": decision.promoted, "reason": decision.reason,
               "champion_before": decision.champion_before, "champion": str(champion.version) if champion else None}
-    Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.report).write_text(json.dumps(result, indent=2))
+    write_json(cfg.report, result)
     return result
 
 
@@ -220,12 +210,12 @@ def promote(params, version: str | None = None, force: bool = False) -> GateDeci
     """`lingtune promote`: the gate on a version (default: the candidate); `force` skips the gate."""
     cfg = params.register_
     if not store_exists(params.tracking.uri):
-        raise ValueError(f"no MLflow model registry at {params.tracking.uri} (run `lingtune register` first)")
+        raise RegistryError(f"no MLflow model registry at {params.tracking.uri} (run `lingtune register` first)")
     mlflow_client = client(params.tracking.uri)
     if version is None:
         found = alias_version(mlflow_client, cfg.model_name, cfg.candidate_alias)
         if found is None:
-            raise ValueError(f"{cfg.model_name} has no @{cfg.candidate_alias}; run `lingtune register` or pass --version")
+            raise RegistryError(f"{cfg.model_name} has no @{cfg.candidate_alias}; run `lingtune register` or pass --version")
         version = str(found.version)
     if not force:
         return gate(mlflow_client, cfg, version)

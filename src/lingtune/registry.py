@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lingtune.artifacts import publishing, write_text
+from lingtune.errors import RegistryError
+
 PREFIX = "models:/"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
-
-
-class RegistryError(ValueError):
-    """A `models:/` URI that is malformed or names nothing in the registry."""
+__all__ = ["PREFIX", "Fetched", "RegistryError", "alias_version", "client", "fetch", "get_version", "parse"]
 
 
 @dataclass
@@ -85,15 +84,11 @@ def fetch(spec: str, tracking_uri: str, cache_dir: str | Path) -> Fetched:
     found = get_version(client(tracking_uri), name, alias, version)
     target = Path(cache_dir) / name / str(found.version)
     if not (target / ".complete").is_file():
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        # models:/name/N puts the version's files straight into dst_path, wherever its source lives
-        mlflow.artifacts.download_artifacts(artifact_uri=f"{PREFIX}{name}/{found.version}", dst_path=str(partial),
-                                            tracking_uri=tracking_uri)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        (target / ".complete").write_text(found.source + "\n")
+        with publishing(target) as partial:
+            # models:/name/N puts the version's files straight into dst_path, wherever its source lives
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{PREFIX}{name}/{found.version}",
+                                                dst_path=str(partial), tracking_uri=tracking_uri)
+            write_text(partial / ".complete", found.source + "\n")
     tags = dict(found.tags)
     return Fetched(target, name, str(found.version), tags.get("lingtune.kind", "model"),
                    tags.get("lingtune.base_model"), tags)

@@ -6,9 +6,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from lingtune.data.formats import ENTITY_TYPES, LABELS, Record, read_jsonl
+from lingtune import tasks
+from lingtune.formats import read_jsonl
+from lingtune.records import SPLITS, Record
 
-SPLITS = ("train", "val", "test")
 HISTOGRAM_EDGES = (0, 20, 40, 60, 80, 100, 150, 200, 300)
 
 
@@ -30,19 +31,11 @@ def split_stats(splits: dict[str, list[Record]]) -> dict:
     """`sentiment.total`, `ner.characters`, `ner.entities` per type, and the same per split."""
     out: dict = {"splits": {}}
     everything = [r for records in splits.values() for r in records]
-    for task in ("sentiment", "ner"):
-        records = [r for r in everything if r.task == task]
-        stats = _task_stats(records)
-        if task == "sentiment":
-            labels = Counter(r.label for r in records)
-            stats["labels"] = {label: labels[label] for label in LABELS}
-        else:
-            types = Counter(e.type for r in records for e in r.entities)
-            stats["entities"] = {etype: types[etype] for etype in ENTITY_TYPES}
-            stats["sentences_without_entities"] = sum(1 for r in records if not r.entities)
-        out[task] = stats
+    for name, task in tasks.TASKS.items():
+        records = [r for r in everything if r.task == name]
+        out[name] = {**_task_stats(records), **task.stats(records)}
     for name, records in splits.items():
-        out["splits"][name] = {task: sum(1 for r in records if r.task == task) for task in ("sentiment", "ner")}
+        out["splits"][name] = {task: sum(1 for r in records if r.task == task) for task in tasks.TASKS}
     return out
 
 

@@ -25,7 +25,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-ENTITY_TYPES = ("PER", "LOC", "ORG")
+from lingtune.errors import DataError
+from lingtune.records import Entity
 
 # Heads of organisation names, chosen by reading matches in the corpus (see tests).
 ORG_SUFFIXES = frozenset(
@@ -36,22 +37,14 @@ _ORG_MIDDLE_TAGS = frozenset({"n", "vn", "nz", "j"})
 _MAX_ORG_MIDDLE = 3
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError):
     """A corpus line cannot be parsed; the message names the file and line."""
-
-
-@dataclass(frozen=True)
-class Span:
-    start: int
-    end: int
-    type: str
-    text: str
 
 
 @dataclass(frozen=True)
 class TaggedSentence:
     text: str
-    entities: tuple[Span, ...]
+    entities: tuple[Entity, ...]
     source: str
     """`file:line` of the corpus paragraph, so every example can be traced back."""
 
@@ -143,7 +136,7 @@ def tokens_to_sentence(tokens: list[tuple[str, str]], source: str, compound_org:
         offsets.append(offsets[-1] + len(word))
     text = "".join(word for word, _ in tokens)
     spans = tuple(
-        Span(offsets[a], offsets[b], etype, text[offsets[a] : offsets[b]])
+        Entity(start=offsets[a], end=offsets[b], type=etype, text=text[offsets[a] : offsets[b]])
         for a, b, etype in _token_entities(tokens, compound_org)
     )
     return TaggedSentence(text=text, entities=spans, source=source)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lingtune.data.dedupe import shingles, text_key
-from lingtune.data.formats import Record
+from lingtune.formats import Record
+from lingtune.errors import DataError
 
 
 @dataclass
@@ -35,7 +36,7 @@ class OverlapReport:
 
 def overlap_report(train: list[Record], evaluation: list[Record], n: int = 8, threshold: float = 0.5) -> OverlapReport:
     if n < 1 or not 0 < threshold <= 1:
-        raise ValueError("n must be >= 1 and threshold in (0, 1]")
+        raise DataError("n must be >= 1 and threshold in (0, 1]")
     train_keys = {text_key(r.text) for r in train}
     train_grams: set[str] = set()
     for key in train_keys:

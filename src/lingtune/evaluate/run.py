@@ -8,62 +8,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lingtune.data.formats import Record, read_jsonl
-from lingtune.data.prompts import locate_entities, parse_answer
-from lingtune.evaluate.metrics import Span, ner_metrics, sentiment_metrics
-
-
-def predicted_spans(text: str, answer: str) -> list[Span] | None:
-    """Spans of an NER answer (offset rule in prompts.locate_entities); None if it does not parse.
-    An entity whose text is not in the input stays a prediction that can never match (a false positive)."""
-    parsed = parse_answer("ner", answer)
-    if not parsed.valid:
-        return None
-    located, unlocated = locate_entities(text, parsed.entities)
-    return [(e.start, e.end, e.type) for e in located] + [(-1 - k, -1, t) for k, (_, t) in enumerate(unlocated)]
+from lingtune import tasks
+from lingtune.artifacts import write_json, write_text
+from lingtune.formats import read_jsonl
+from lingtune.errors import DataError
+from lingtune.models import ModelRef, folder_ref
+from lingtune.records import Record
 
 
 def score(task: str, records: list[Record], answers: list[str]) -> dict:
-    if task == "sentiment":
-        return sentiment_metrics([r.label for r in records], [parse_answer(task, a).label for a in answers])
-    gold = [[(e.start, e.end, e.type) for e in r.entities] for r in records]
-    return ner_metrics(gold, [predicted_spans(r.text, a) for r, a in zip(records, answers)])
+    return tasks.get(task).metrics(records, answers)
 
 
-@dataclass
-class ModelRef:
-    """What to evaluate: a base model folder and, for LoRA, an adapter folder on top of it."""
+def engine_config(params):
+    """The vLLM engine of evaluation, from params.evaluate (LoRA rank from the SFT recipe)."""
+    from lingtune.evaluate.engine import EngineConfig
 
-    base: Path
-    adapter: Path | None
-
-
-def adapter_base(folder: Path, backbone_dir: str) -> Path:
-    """The base model an adapter folder was trained on (its adapter_config); the backbone when that
-    folder does not exist here."""
-    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or backbone_dir
-    return Path(base if Path(base).is_dir() else backbone_dir)
-
-
-def resolve_model(spec: str | None, backbone_dir: str, default_dir: str,
-                  tracking_uri: str = "sqlite:///mlflow.db", cache_dir: str = ".cache/registry") -> ModelRef:
-    """A folder (model or LoRA adapter), or a registered version: `models:/name@alias`, `models:/name/3`
-    (downloaded once to `cache_dir`; an adapter runs on the base its version's tags name)."""
-    spec = spec or default_dir
-    if spec.startswith("models:/"):
-        from lingtune.registry import fetch
-
-        got = fetch(spec, tracking_uri, cache_dir)
-        if got.kind != "lora":
-            return ModelRef(got.folder, None)
-        base = got.base_model if got.base_model and Path(got.base_model).is_dir() else backbone_dir
-        return ModelRef(Path(base), got.folder)
-    path = Path(spec)
-    if (path / "adapter_config.json").is_file():
-        return ModelRef(adapter_base(path, backbone_dir), path)
-    if (path / "config.json").is_file():
-        return ModelRef(path, None)
-    raise ValueError(f"{spec}: neither a model folder (config.json) nor a LoRA adapter (adapter_config.json)")
+    cfg = params.evaluate
+    return EngineConfig(max_model_len=cfg.max_model_len, max_lora_rank=cfg.max_lora_rank,
+                        kv_cache_gb=cfg.kv_cache_gb, max_tokens_ner=cfg.max_tokens_ner,
+                        cpu_threads_bind=cfg.cpu_threads_bind)
 
 
 def default_model(params) -> str:
@@ -81,29 +45,21 @@ def default_model(params) -> str:
     return params.sft.out_dir
 
 
-def evaluate_file(ref: ModelRef, data: Path, task: str, constrained: bool = True, engine=None) -> dict:
-    from lingtune.evaluate.engine import Engine
+def evaluate_file(ref: ModelRef, data: Path, task: str, constrained: bool = True, engine=None,
+                  engine_cfg=None) -> dict:
+    from lingtune.evaluate.engine import Engine, EngineConfig
 
-    if task not in ("sentiment", "ner"):
-        raise ValueError(f"--task must be sentiment or ner, not {task!r}")
+    tasks.get(task)  # an unknown task fails before the engine starts
     records = read_jsonl(data, task=task)
     if not records:
-        raise ValueError(f"{data}: no {task} records")
-    engine = engine or Engine(ref.base, enable_lora=ref.adapter is not None)
+        raise DataError(f"{data}: no {task} records")
+    engine = engine or Engine(ref.base, engine_cfg or EngineConfig(), enable_lora=ref.adapter is not None)
     started = time.time()
     answers = engine.generate(records, adapter=ref.adapter, constrained=constrained)
     metrics = score(task, records, answers)
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["constrained"] = constrained
     return metrics
-
-
-def _model_at(path: Path, backbone_dir: str) -> ModelRef | None:
-    if (path / "adapter_config.json").is_file():
-        return ModelRef(Path(backbone_dir), path)
-    if (path / "config.json").is_file():
-        return ModelRef(path, None)
-    return None
 
 
 @dataclass
@@ -123,9 +79,9 @@ def variants(params) -> dict[str, Variant]:
         candidates.append(("rl", params.rl.out_dir, params.rl.metrics))
     if hasattr(params, "quantize"):
         candidates.append(("int4", params.quantize.out_dir, None))
-    found = {"base": Variant(ModelRef(Path(backbone), None), None)}
+    found = {"base": Variant(ModelRef(Path(backbone)), None)}
     for name, folder, metrics in candidates:
-        ref = _model_at(Path(folder), backbone)
+        ref = folder_ref(folder)
         if ref is not None:
             found[name] = Variant(ref, _training_run_id(metrics))
     return found
@@ -141,40 +97,43 @@ def _training_run_id(metrics_file: str | None) -> str | None:
 
 
 def comparison_table(results: dict) -> str:
-    lines = ["| variant | sentiment acc | sentiment macro-F1 | sentiment invalid | NER P | NER R | NER F1 | NER invalid |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per variant: each task's summary metrics and its invalid-answer rate, in percent."""
+    columns = [(task, key) for task, spec in tasks.TASKS.items() for key in (*spec.summary_keys, "invalid_rate")]
+    lines = ["| variant | " + " | ".join(f"{task} {key.replace('_rate', '')}" for task, key in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for name, r in results.items():
-        s, n = r["sentiment"], r["ner"]
-        lines.append(f"| {name} | {s['accuracy']:.1%} | {s['macro_f1']:.1%} | {s['invalid_rate']:.1%} | "
-                     f"{n['precision']:.1%} | {n['recall']:.1%} | {n['f1']:.1%} | {n['invalid_rate']:.1%} |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[task][key]:.1%}" for task, key in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_plots(results: dict, out_dir: Path) -> None:
-    """One file per variant in two folders that dvc.yaml declares as plots: `confusion/` (one row per
-    test example, as DVC's confusion template counts rows) and `ner_per_type/` (bars per entity type)."""
+    """One file per variant in two folders that dvc.yaml declares as plots: `confusion/` (the
+    classification task's rows, one per test example, as DVC's confusion template counts rows) and
+    `ner_per_type/` (bars per entity type)."""
     for folder in ("confusion", "ner_per_type"):
         shutil.rmtree(out_dir / folder, ignore_errors=True)
         (out_dir / folder).mkdir(parents=True)
     for name, r in results.items():
-        rows = ["actual,predicted"] + [f"{row['actual']},{row['predicted']}"
-                                       for row in r["sentiment"]["confusion"] for _ in range(row["count"])]
-        (out_dir / "confusion" / f"{name}.csv").write_text("\n".join(rows) + "\n")
-        bars = ["type,precision,recall,f1"] + [f"{etype},{m['precision']:.4f},{m['recall']:.4f},{m['f1']:.4f}"
-                                              for etype, m in r["ner"]["per_type"].items()]
-        (out_dir / "ner_per_type" / f"{name}.csv").write_text("\n".join(bars) + "\n")
+        for metrics in r.values():
+            if "confusion" in metrics:
+                rows = ["actual,predicted"] + [f"{row['actual']},{row['predicted']}"
+                                               for row in metrics["confusion"] for _ in range(row["count"])]
+                write_text(out_dir / "confusion" / f"{name}.csv", "\n".join(rows) + "\n")
+            if "per_type" in metrics:
+                bars = ["type,precision,recall,f1"] + [f"{t},{m['precision']:.4f},{m['recall']:.4f},{m['f1']:.4f}"
+                                                      for t, m in metrics["per_type"].items()]
+                write_text(out_dir / "ner_per_type" / f"{name}.csv", "\n".join(bars) + "\n")
 
 
 def run_evaluate(params) -> dict:
     """DVC stage `evaluate`: every variant on the held-back test split, one vLLM engine for all
     variants that share the backbone (LoRA adapters are applied per request)."""
-    from lingtune.evaluate.engine import Engine, EngineConfig
+    from lingtune.evaluate.engine import Engine
 
     cfg = params.evaluate
     test = Path(params.data.out_dir) / "test.jsonl"
-    records = {task: read_jsonl(test, task=task)[: cfg.max_examples or None] for task in ("sentiment", "ner")}
-    engine_cfg = EngineConfig(max_tokens_ner=cfg.max_tokens_ner, kv_cache_gb=cfg.kv_cache_gb,
-                              cpu_threads_bind=cfg.cpu_threads_bind)
+    records = {task: read_jsonl(test, task=task)[: cfg.max_examples or None] for task in tasks.TASKS}
+    engine_cfg = engine_config(params)
     found = variants(params)
     results, engines = {}, {}
     for name, variant in found.items():
@@ -193,9 +152,9 @@ def run_evaluate(params) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = {name: {f"{task}.{k}": v for task, m in r.items() for k, v in m.items()
                       if isinstance(v, (int, float))} for name, r in results.items()}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "details.json").write_text(json.dumps(results, indent=2))
-    (out / "table.md").write_text(comparison_table(results))
+    write_json(out / "metrics.json", summary)
+    write_json(out / "details.json", results)
+    write_text(out / "table.md", comparison_table(results))
     write_plots(results, out)
     log_to_mlflow(params, found, summary, out)
     return results

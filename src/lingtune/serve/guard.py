@@ -45,8 +45,10 @@ def _openai_fields() -> dict[str, frozenset[str]]:
     def names(model) -> frozenset[str]:
         return frozenset(n for name, f in model.model_fields.items() for n in (name, f.alias) if n)
 
+    from lingtune.tasks import TASKS
+
     return {"/v1/chat/completions": names(ChatCompletionRequest), "/v1/completions": names(CompletionRequest),
-            "/v1/sentiment": TASK_FIELDS, "/v1/ner": TASK_FIELDS}
+            **{f"/v1/{task}": TASK_FIELDS for task in TASKS}}
 
 
 def _chars(content) -> int:

@@ -7,14 +7,15 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lingtune.artifacts import content_hash, publishing
 from lingtune.config import Params, ServeConfig
+from lingtune.errors import ModelError
+from lingtune.models import ModelRef, adapter_base, is_adapter, merge, resolve
 
 
 @dataclass(frozen=True)
@@ -32,24 +33,20 @@ class ServePlan:
 
 def resolve_served_model(params: Params):
     """`serve.model`, or `serve.fallback_model` (and why) while the registry cannot resolve a models:/ URI."""
-    from lingtune.evaluate.run import resolve_model
     from lingtune.registry import RegistryError
 
     cfg = params.serve
     where = {"tracking_uri": params.tracking.uri, "cache_dir": params.register_.cache_dir}
     try:
-        return resolve_model(cfg.model, params.backbone.out_dir, cfg.model, **where), ""
+        return resolve(cfg.model, **where), ""
     except RegistryError as exc:
         if not cfg.fallback_model:
             raise
-        return (resolve_model(cfg.fallback_model, params.backbone.out_dir, cfg.fallback_model, **where),
-                f"{exc}; serving serve.fallback_model {cfg.fallback_model} instead")
+        return resolve(cfg.fallback_model, **where), f"{exc}; serving serve.fallback_model {cfg.fallback_model} instead"
 
 
 def resolve_plan(params: Params) -> ServePlan:
     """Resolve `serve.model` (folder, adapter folder or models:/ URI) and the adapters that fit its base."""
-    from lingtune.evaluate.run import adapter_base
-
     cfg = params.serve
     ref, fallback = resolve_served_model(params)
     adapters: dict[str, Path] = {}
@@ -65,11 +62,9 @@ def resolve_plan(params: Params) -> ServePlan:
         base_name = f"{cfg.served_model_name}-base"
     for name, folder in cfg.adapters.items():
         folder = Path(folder)
-        if not (folder / "adapter_config.json").is_file():
-            skipped.append(f"{name} ({folder}: no adapter_config.json)")
-        elif adapter_base(folder, params.backbone.out_dir).resolve() != Path(ref.base).resolve():
-            skipped.append(f"{name} ({folder}: trained on {adapter_base(folder, params.backbone.out_dir)}, "
-                           f"not on the served {ref.base})")
+        reason = _unservable(folder, Path(ref.base))
+        if reason:
+            skipped.append(f"{name} ({folder}: {reason})")
         else:
             adapters.setdefault(name, folder)
     task_model = cfg.task_model if cfg.task_model in adapters or cfg.task_model == base_name else (
@@ -77,20 +72,24 @@ def resolve_plan(params: Params) -> ServePlan:
     return ServePlan(Path(ref.base), base_name, adapters, task_model, tuple(skipped), fallback)
 
 
+def _unservable(folder: Path, served_base: Path) -> str | None:
+    """Why an adapter cannot run on the served base (None when it can)."""
+    if not is_adapter(folder):
+        return "no adapter_config.json"
+    try:
+        base = adapter_base(folder)
+    except ModelError as exc:
+        return str(exc)
+    return None if base.resolve() == served_base.resolve() else f"trained on {base}, not on the served {served_base}"
+
+
 def merged_model(base: Path, adapter: Path, cache_dir: Path) -> Path:
     """The adapter merged into its base (bf16), once per (base, adapter content) under `cache_dir`."""
-    from lingtune.quantize import merge
-
-    digest = hashlib.sha256(str(base.resolve()).encode())
-    for file in sorted(p for p in adapter.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(adapter).as_posix().encode() + file.read_bytes())
-    out = cache_dir / f"merged-{digest.hexdigest()[:16]}"
+    digest = hashlib.sha256(f"{base.resolve()}\0{content_hash(adapter)}".encode()).hexdigest()
+    out = cache_dir / f"merged-{digest[:16]}"
     if not (out / "config.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".merging-") as tmp:
-            merge(adapter, str(base), Path(tmp) / "model")
-            shutil.rmtree(out, ignore_errors=True)
-            (Path(tmp) / "model").rename(out)
+        with publishing(out) as staging:
+            merge(ModelRef(base, adapter), staging)
     return out
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lingtune.data.prompts import locate_entities, parse_answer
-from lingtune.evaluate.engine import TaskDecoder
+from lingtune import tasks
+from lingtune.decoding import TaskDecoder
 
 router = APIRouter()
 
@@ -40,31 +40,14 @@ class TaskRequest(BaseModel):
         return self
 
 
-class Entity(BaseModel):
-    text: str
-    type: str
-    start: int
-    end: int
-
-
-class TaskResult(BaseModel):
-    label: str | None = None
-    entities: list[Entity] | None = None
-    unlocated: list[dict] | None = None
-    """NER answers whose text is not in the input (no offsets to give)."""
-    error: str | None = None
-    """Only when the answer did not parse (cut off by max_tokens)."""
-
-
-def to_result(task: str, text: str, answer: str) -> TaskResult:
-    parsed = parse_answer(task, answer)
+def to_result(task: str, text: str, answer: str) -> dict:
+    """The task's JSON for one answer (a label, or entities with offsets plus `unlocated`: answer
+    entities whose text is not in the input); `error` only when the answer did not parse."""
+    spec = tasks.get(task)
+    parsed = spec.parse(answer)
     if not parsed.valid:
-        return TaskResult(error=f"the answer did not parse ({parsed.error}): {answer[:200]!r}")
-    if task == "sentiment":
-        return TaskResult(label=parsed.label)
-    located, unlocated = locate_entities(text, parsed.entities)
-    return TaskResult(entities=[Entity(text=e.text, type=e.type, start=e.start, end=e.end) for e in located],
-                      unlocated=[{"text": t, "type": k} for t, k in unlocated])
+        return {"error": f"the answer did not parse ({parsed.error}): {answer[:200]!r}"}
+    return spec.result(text, parsed)
 
 
 async def _lora(state, name: str):
@@ -101,20 +84,22 @@ async def run_task(task: str, body: TaskRequest, request: Request):
     decode = decoder(state)
     texts = [body.text] if body.text is not None else body.texts
     answers = await asyncio.gather(*(_answer(state.engine_client, decode, task, t, lora) for t in texts))
-    results = [to_result(task, t, a).model_dump(exclude_none=True) for t, (a, _, _) in zip(texts, answers)]
+    results = [to_result(task, t, a) for t, (a, _, _) in zip(texts, answers)]
     prompt_tokens, completion_tokens = sum(a[1] for a in answers), sum(a[2] for a in answers)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     return {**results[0], "usage": usage} if body.text is not None else {"results": results, "usage": usage}
 
 
-@router.post("/v1/sentiment")
-async def sentiment(body: TaskRequest, request: Request):
-    """`{"text": "..."}` -> `{"label": "positive", "usage": {...}}`; `{"texts": [...]}` -> `{"results": [...], "usage"}`."""
-    return await run_task("sentiment", body, request)
+def _endpoint(name: str):
+    async def endpoint(body: TaskRequest, request: Request):
+        return await run_task(name, body, request)
+
+    endpoint.__name__ = name
+    endpoint.__doc__ = (f"`{{\"text\": \"...\"}}` -> the {name} result and `usage`; "
+                        f"`{{\"texts\": [...]}}` -> `{{\"results\": [...], \"usage\"}}`.")
+    return endpoint
 
 
-@router.post("/v1/ner")
-async def ner(body: TaskRequest, request: Request):
-    """`{"text": "..."}` -> `{"entities": [{"text", "type", "start", "end"}], "unlocated": [...]}`."""
-    return await run_task("ner", body, request)
+for _name in tasks.TASKS:  # /v1/sentiment, /v1/ner
+    router.add_api_route(f"/v1/{_name}", _endpoint(_name), methods=["POST"])

@@ -13,34 +13,13 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from lingtune.data.formats import Record
-from lingtune.data.prompts import answer_json, user_prompt
-
-IGNORE = -100
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def encode_example(tokenizer, record: Record) -> Encoded:
-    """Prompt and answer tokens of one record, rendered by the tokenizer's own chat template."""
-    user = [{"role": "user", "content": user_prompt(record.task, record.text)}]
-    full = user + [{"role": "assistant", "content": answer_json(record)}]
-    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(full, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the prompt differently inside a full conversation")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full_text[len(prompt_text) :].rstrip("\n"), add_special_tokens=False)["input_ids"]
-    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+from lingtune.errors import DataError
+from lingtune.records import Record
+from lingtune.tasks.base import IGNORE, Encoded, encode_example
 
 
 class SFTDataset(Dataset):
@@ -51,7 +30,7 @@ class SFTDataset(Dataset):
         self.items = [e for e in encoded if len(e.input_ids) <= max_len]
         self.dropped = len(encoded) - len(self.items)
         if not self.items:
-            raise ValueError(f"no example fits in sft.max_seq_len={max_len} tokens")
+            raise DataError(f"no example fits in sft.max_seq_len={max_len} tokens")
 
     def __len__(self) -> int:
         return len(self.items)

@@ -2,11 +2,10 @@
 
 Three components, each in [0, 1]:
 
-* `sentiment`: 1 when the answer's label is the gold label, else 0 (the per-sample term of accuracy /
-  F1: summed over a batch it counts the true positives of both classes).
-* `ner`: strict entity recall of the answer (type and exact character span, spans located with
-  `prompts.locate_entities`, as in evaluation); `reward.ner_metric: f1` uses per-sample F1 instead.
-  A sentence without gold entities scores 1 for an empty answer, else 0.
+* one per task (`Task.reward`): `sentiment` is 1 when the answer's label is the gold label, else 0;
+  `ner` is the strict entity recall of the answer (type and exact character span, located as in
+  evaluation; `reward.ner_metric: f1` uses per-sample F1 instead), and a sentence without gold
+  entities scores 1 for an empty answer, else 0.
 * `instruction`: the judge's instruction-following score (lingtune.judge).
 
 A component that does not apply to a sample (sentiment on an NER prompt and vice versa) returns None:
@@ -22,14 +21,15 @@ Weights move linearly from `reward.weights_start` to `reward.weights_end` over t
 
 from __future__ import annotations
 
-from collections import Counter
+import json
 from typing import Callable
 
+from lingtune import tasks
 from lingtune.config import RewardConfig, RewardWeights
-from lingtune.data.prompts import locate_entities, parse_answer
 from lingtune.judge import Judge, JudgeItem
+from lingtune.records import Record, record_to_json
 
-COMPONENTS = ("sentiment", "ner", "instruction")
+COMPONENTS = (*tasks.names(), "instruction")
 
 
 def completion_text(completion) -> str:
@@ -37,47 +37,21 @@ def completion_text(completion) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-def sentiment_reward(completions: list, task: list[str], label: list, **_) -> list[float | None]:
-    out: list[float | None] = []
-    for completion, t, gold in zip(completions, task, label):
-        if t != "sentiment":
-            out.append(None)
-            continue
-        out.append(float(parse_answer("sentiment", completion_text(completion)).label == gold))
-    return out
+def gold_column(record: Record) -> str:
+    """The `record` column of a reward data set: the gold record as JSON (one column for every task)."""
+    return json.dumps(record_to_json(record), ensure_ascii=False)
 
 
-sentiment_reward.__name__ = "sentiment"  # TRL logs rewards/<__name__>/mean
+def task_reward_fn(name: str, metric: str = "recall") -> Callable:
+    """TRL reward function of one task: its per-answer reward on that task's prompts, None elsewhere."""
+    spec = tasks.get(name)
 
+    def reward(completions: list, task: list[str], record: list[str], **_) -> list[float | None]:
+        return [spec.reward(Record.model_validate_json(r), completion_text(c), metric) if t == name else None
+                for c, t, r in zip(completions, task, record)]
 
-def _gold_spans(entities) -> Counter:
-    return Counter((e["start"], e["end"], e["type"]) for e in entities or [])
-
-
-def entity_score(text: str, answer: str, gold: Counter, metric: str = "recall") -> float:
-    """Strict span-and-type recall (or F1) of one NER answer; an unparsable answer scores 0."""
-    parsed = parse_answer("ner", answer)
-    if not parsed.valid:
-        return 0.0
-    located, unlocated = locate_entities(text, parsed.entities)
-    predicted = Counter((e.start, e.end, e.type) for e in located)
-    if not gold:
-        return float(not parsed.entities)
-    hits = sum((gold & predicted).values())
-    recall = hits / sum(gold.values())
-    if metric == "recall":
-        return recall
-    n_pred = sum(predicted.values()) + len(unlocated)
-    precision = hits / n_pred if n_pred else 0.0
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-
-
-def ner_reward_fn(metric: str = "recall") -> Callable:
-    def ner(completions: list, task: list[str], text: list[str], entities: list, **_) -> list[float | None]:
-        return [entity_score(x, completion_text(c), _gold_spans(e), metric) if t == "ner" else None
-                for c, t, x, e in zip(completions, task, text, entities)]
-
-    return ner
+    reward.__name__ = name  # TRL logs rewards/<__name__>/mean
+    return reward
 
 
 def instruction_reward_fn(judge: Judge) -> Callable:
@@ -90,7 +64,7 @@ def instruction_reward_fn(judge: Judge) -> Callable:
 
 def reward_functions(cfg: RewardConfig, judge: Judge) -> list[Callable]:
     """In COMPONENTS order, the order of the weights."""
-    return [sentiment_reward, ner_reward_fn(cfg.ner_metric), instruction_reward_fn(judge)]
+    return [*(task_reward_fn(name, cfg.ner_metric) for name in tasks.names()), instruction_reward_fn(judge)]
 
 
 def weights_at(start: RewardWeights, end: RewardWeights, progress: float) -> list[float]:

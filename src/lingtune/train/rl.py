@@ -28,20 +28,18 @@ Errors: ValueError when the SFT adapter is missing; JudgeError when an OpenAI ju
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from lingtune.data.formats import read_jsonl
-from lingtune.data.prompts import user_prompt
-from lingtune.train.rewards import COMPONENTS, make_weight_schedule, reward_functions, weights_at
-from lingtune.train.scoring import (_write_json, consistency_by_task, load_policy, prompt_set,
-                                    sample_answers)
+from lingtune import tasks
+from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerprint, publishing, write_json
+from lingtune.formats import read_jsonl
+from lingtune.train.rewards import COMPONENTS, gold_column, make_weight_schedule, reward_functions, weights_at
+from lingtune.train.scoring import consistency_by_task, load_policy, prompt_set, sample_answers
 
 
 def prompt_dataset(path: Path, max_prompts: int, seed: int):
@@ -53,9 +51,8 @@ def prompt_dataset(path: Path, max_prompts: int, seed: int):
     records = read_jsonl(path)
     if max_prompts and max_prompts < len(records):
         records = random.Random(seed).sample(records, max_prompts)
-    return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": user_prompt(r.task, r.text)}], "task": r.task, "text": r.text,
-         "label": r.label, "entities": [e.model_dump() for e in r.entities or ()]} for r in records])
+    return Dataset.from_list([{"prompt": tasks.get(r.task).messages(r)[:1], "task": r.task, "text": r.text,
+                               "record": gold_column(r)} for r in records])
 
 
 def trainer_args(params, output_dir: str):
@@ -106,55 +103,24 @@ def build_trainer(params, model, tokenizer, dataset, judge, output_dir: str):
     return trainer
 
 
-RECIPE_CODE = ("train/rl.py", "train/rewards.py", "train/scoring.py", "judge.py", "data/prompts.py")
-"""The code that decides what an RL step computes: a change here must retrain, not resume."""
-
-
-def fingerprint(params, data_sha: str, sft_sha: str) -> str:
-    """What checkpoints belong to: rl and reward knobs, seed, data, SFT adapter, and the RL code."""
-    package = Path(__file__).resolve().parents[1]
-    code = hashlib.sha256(b"".join((package / name).read_bytes() for name in RECIPE_CODE))
+def checkpoint_fingerprint(params, data_sha: str, sft_sha: str) -> str:
+    """What checkpoints belong to: rl and reward knobs, seed, data, SFT adapter, and the code the stage runs."""
     skip = {"save_steps", "logging_steps", "metrics", "out_dir", "checkpoint_dir", "threads"}
-    blob = json.dumps({"rl": params.rl.model_dump(exclude=skip), "reward": params.reward.model_dump(),
-                       "seed": params.seed, "data": data_sha, "sft": sft_sha, "code": code.hexdigest()},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint(rl=params.rl.model_dump(exclude=skip), reward=params.reward.model_dump(), seed=params.seed,
+                       data=data_sha, sft=sft_sha, code=code_hash(__name__))
 
 
-def resume_point(ckpt_dir: Path, stamp: str) -> tuple[str | None, str | None]:
-    """(last checkpoint, MLflow run id) when `ckpt_dir` holds checkpoints of this configuration; else
-    the folder is emptied and (None, None)."""
+def last_checkpoint(folder: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
-    meta = ckpt_dir / "lingtune_run.json"
-    if meta.is_file():
-        saved = json.loads(meta.read_text())
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        if saved.get("fingerprint") == stamp and last:
-            print(f"resuming from {last}")
-            return last, saved.get("mlflow_run_id")
-        if saved.get("fingerprint") != stamp:
-            print(f"{ckpt_dir}: checkpoints of another configuration; starting afresh")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    return None, None
+    return get_last_checkpoint(str(folder))
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
-    """The trained adapter only (not TRL's "ref" copy), written atomically."""
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, selected_adapters=["default"], safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
-
-
-def _sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
+    """The trained adapter only (not TRL's "ref" copy), published atomically."""
+    with publishing(out_dir) as staging:
+        model.save_pretrained(staging, selected_adapters=["default"], safe_serialization=True)
+        tokenizer.save_pretrained(staging)
 
 
 def _summary(trainer) -> dict:
@@ -206,14 +172,15 @@ def run_rl(params) -> dict:
         torch.set_num_threads(cfg.threads)
     train_path = Path(params.data.out_dir) / "train.jsonl"
     judge = make_judge(params.reward.judge)  # fails fast (missing key) before the model is loaded
-    model, tokenizer = load_policy(cfg.sft_dir, params.backbone.out_dir, trainable=True)
-    ckpt_dir, stamp = Path(cfg.checkpoint_dir), fingerprint(params, _sha(train_path), _sha(Path(cfg.sft_dir)))
-    last, run_id = resume_point(ckpt_dir, stamp)
+    model, tokenizer = load_policy(cfg.sft_dir, trainable=True)
+    checkpoints = CheckpointDir(cfg.checkpoint_dir, checkpoint_fingerprint(params, content_hash(train_path),
+                                                                           content_hash(cfg.sft_dir)))
+    last, run_id = checkpoints.resume(last_checkpoint)
     trainer = build_trainer(params, model, tokenizer, prompt_dataset(train_path, cfg.max_prompts, params.seed),
-                            judge, str(ckpt_dir))
+                            judge, str(checkpoints.path))
     started = time.time()
     with start_tracking(params, run_id) as run:
-        (ckpt_dir / "lingtune_run.json").write_text(json.dumps({"fingerprint": stamp, "mlflow_run_id": run.info.run_id}))
+        checkpoints.record(run.info.run_id)
         trainer.train(resume_from_checkpoint=last)
         train_seconds = time.time() - started
         save_adapter(trainer.model, tokenizer, Path(cfg.out_dir))
@@ -239,5 +206,5 @@ def _finish(params, trainer, tokenizer, judge, train_seconds: float, resumed: st
                         "seconds": round(time.time() - started, 1)},
         "mlflow_run_id": run_id,
     }
-    _write_json(Path(cfg.metrics), metrics)
+    write_json(cfg.metrics, metrics)
     return metrics

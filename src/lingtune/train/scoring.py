@@ -1,7 +1,7 @@
 """Sampling answers from a LoRA policy, generation consistency, and the DVC stage `reward`.
 
 * `sample_answers`: k sampled answers per record with `transformers.generate`, from the prompt the
-  model was trained on (the chat template applied to `prompts.user_prompt`, as in SFT and RL).
+  model was trained on (`tasks.base.prompt_ids`, the token ids SFT encodes).
 * `consistency`: agreement of the k answers to each prompt (share of answers equal to the most common
   parsed answer, an unparsable answer counting as its own value) and the valid-JSON rate.
 * `run_reward` (stage `reward`): samples the SFT model on `reward.prompts_per_task` validation prompts
@@ -12,44 +12,25 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from lingtune.data.formats import Record, read_jsonl
-from lingtune.data.prompts import parse_answer, user_prompt
-from lingtune.train.rewards import COMPONENTS, reward_functions, weighted_reward, weights_at
+from lingtune import tasks
+from lingtune.artifacts import write_json, write_jsonl
+from lingtune.formats import read_jsonl
+from lingtune.models import ModelRef, adapter_base, load
+from lingtune.records import Record
+from lingtune.tasks.base import prompt_ids
+from lingtune.train.rewards import COMPONENTS, gold_column, reward_functions, weighted_reward, weights_at
 
 
-def adapter_base(adapter_dir: str | Path, fallback: str) -> str:
-    """The base model folder a PEFT adapter was trained on (its adapter_config), else `fallback`."""
-    config = Path(adapter_dir) / "adapter_config.json"
-    if not config.is_file():
-        raise ValueError(f"{adapter_dir}: no LoRA adapter there (adapter_config.json missing); run `lingtune sft`")
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    return base if base and Path(base).is_dir() else fallback
-
-
-def load_policy(adapter_dir: str | Path, backbone_dir: str, trainable: bool):
-    """Base model (float32: TRL on CPU trains without autocast) with the LoRA adapter on top, and its tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base_dir = adapter_base(adapter_dir, backbone_dir)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
-    return model, tokenizer
-
-
-def chat_prompt(tokenizer, task: str, text: str) -> str:
-    messages = [{"role": "user", "content": user_prompt(task, text)}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def load_policy(adapter_dir: str | Path, trainable: bool):
+    """The base the adapter was trained on (float32: TRL on CPU trains without autocast) with the
+    LoRA adapter on top, and its tokenizer."""
+    return load(ModelRef(adapter_base(adapter_dir), Path(adapter_dir)), torch.float32, trainable)
 
 
 @torch.no_grad()
@@ -61,8 +42,8 @@ def sample_answers(model, tokenizer, records: list[Record], k: int, temperature:
     out: list[list[str]] = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        prompts = [chat_prompt(tokenizer, r.task, r.text) for r in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        ids = [prompt_ids(tokenizer, tasks.get(r.task), r.text) for r in chunk]
+        enc = tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
         generated = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                    max_new_tokens=max_new_tokens, num_return_sequences=k,
                                    pad_token_id=tokenizer.pad_token_id)
@@ -71,18 +52,11 @@ def sample_answers(model, tokenizer, records: list[Record], k: int, temperature:
     return out
 
 
-def normalised(task: str, answer: str) -> object:
-    parsed = parse_answer(task, answer)
-    if not parsed.valid:
-        return "<invalid>"
-    return parsed.label if task == "sentiment" else tuple(parsed.entities)
-
-
-def consistency(tasks: list[str], answers: list[list[str]]) -> dict:
+def consistency(task_names: list[str], answers: list[list[str]]) -> dict:
     """Agreement of the k answers per prompt (mean share of the modal answer) and the valid-JSON rate."""
     agreements, valid, total = [], 0, 0
-    for task, group in zip(tasks, answers):
-        values = [normalised(task, a) for a in group]
+    for task, group in zip(task_names, answers):
+        values = [tasks.get(task).normalised(a) for a in group]
         agreements.append(Counter(values).most_common(1)[0][1] / len(values))
         valid += sum(v != "<invalid>" for v in values)
         total += len(values)
@@ -92,10 +66,10 @@ def consistency(tasks: list[str], answers: list[list[str]]) -> dict:
 
 
 def consistency_by_task(records: list[Record], answers: list[list[str]]) -> dict:
-    tasks = [r.task for r in records]
-    out = {"all": consistency(tasks, answers)}
-    for task in ("sentiment", "ner"):
-        picked = [(t, a) for t, a in zip(tasks, answers) if t == task]
+    names = [r.task for r in records]
+    out = {"all": consistency(names, answers)}
+    for task in tasks.names():
+        picked = [(t, a) for t, a in zip(names, answers) if t == task]
         out[task] = consistency([t for t, _ in picked], [a for _, a in picked])
     return out
 
@@ -103,15 +77,14 @@ def consistency_by_task(records: list[Record], answers: list[list[str]]) -> dict
 def prompt_set(path: Path, per_task: int) -> list[Record]:
     """The first `per_task` records of each task (files are already shuffled by prepare)."""
     records = read_jsonl(path)
-    return [r for task in ("sentiment", "ner") for r in [x for x in records if x.task == task][:per_task]]
+    return [r for task in tasks.names() for r in [x for x in records if x.task == task][:per_task]]
 
 
 def score_samples(records: list[Record], answers: list[list[str]], cfg, judge) -> list[dict]:
     """One row per answer: the three reward components and the weighted total at the start weights."""
     flat = [(r, a) for r, group in zip(records, answers) for a in group]
     columns = {"completions": [a for _, a in flat], "task": [r.task for r, _ in flat],
-               "text": [r.text for r, _ in flat], "label": [r.label for r, _ in flat],
-               "entities": [[e.model_dump() for e in r.entities or ()] for r, _ in flat]}
+               "text": [r.text for r, _ in flat], "record": [gold_column(r) for r, _ in flat]}
     parts = [reward(**columns) for reward in reward_functions(cfg, judge)]  # TRL's call, in COMPONENTS order
     weights = weights_at(cfg.weights_start, cfg.weights_end, 0.0)
     rows = []
@@ -140,7 +113,7 @@ def run_reward(params) -> dict:
         torch.set_num_threads(cfg.threads)
     records = prompt_set(Path(params.data.out_dir) / "val.jsonl", cfg.prompts_per_task)
     judge = make_judge(cfg.judge)  # fails fast (missing key) before the model is loaded
-    model, tokenizer = load_policy(params.rl.sft_dir, params.backbone.out_dir, trainable=False)
+    model, tokenizer = load_policy(params.rl.sft_dir, trainable=False)
     started = time.time()
     answers = sample_answers(model, tokenizer, records, cfg.samples, cfg.temperature, cfg.max_new_tokens, params.seed)
     sampled = time.time() - started
@@ -150,8 +123,8 @@ def run_reward(params) -> dict:
               "mean": _means(rows), "consistency": consistency_by_task(records, answers),
               "answers": len(rows), "sampling_seconds": round(sampled, 1),
               "wall_seconds": round(time.time() - started, 1)}
-    _write_jsonl(Path(cfg.dataset), rows)
-    _write_json(Path(cfg.report), report)
+    write_jsonl(cfg.dataset, rows)
+    write_json(cfg.report, report)
     with stage_run(params.tracking, "reward", {"reward": cfg.model_dump(), "seed": params.seed}):
         import mlflow
 
@@ -171,17 +144,3 @@ def _numbers(report: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = float(value)
     return out
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    tmp.replace(path)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)

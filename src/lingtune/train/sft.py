@@ -23,10 +23,9 @@ bitsandbytes support is reported by bitsandbytes itself).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -35,11 +34,13 @@ import torch
 from torch.nn import functional as F
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerprint, publishing, write_json, write_text
 from lingtune.config import SFTConfig
+from lingtune.errors import StageError
 from lingtune.train.loader import IGNORE, BucketBatchSampler, SFTDataset, collate_left_padded
 
 
-class NonFiniteLoss(ValueError):
+class NonFiniteLoss(StageError):
     """The loss became NaN or infinite; the run stopped before writing any weights."""
 
 
@@ -179,59 +180,30 @@ class SFTModule(pl.LightningModule):
 
 
 def save_weights(module: SFTModule, out_dir: Path) -> list[Path]:
-    """Adapter (lora) or whole model (full) plus tokenizer, written atomically."""
+    """Adapter (lora) or whole model (full) plus tokenizer, published atomically."""
     if not module.weights_are_finite():
         raise NonFiniteLoss("trained weights contain NaN/inf; nothing written")
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    module.model.save_pretrained(staging, safe_serialization=True)
-    module.tokenizer.save_pretrained(staging)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with publishing(out_dir) as staging:
+        module.model.save_pretrained(staging, safe_serialization=True)
+        module.tokenizer.save_pretrained(staging)
     return sorted(out_dir.iterdir())
 
 
 def write_loss_curve(path: Path, losses: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["step,loss"] + [f"{row['step']},{row['loss']:.6f}" for row in losses]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
-def write_metrics(path: Path, metrics: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2))
-
-
-RECIPE_CODE = ("train/sft.py", "train/loader.py", "data/prompts.py")
-"""The code that decides what a training step computes: a change here must retrain, not resume."""
-
-
-def fingerprint(params, cfg: SFTConfig, data_sha: str) -> str:
+def checkpoint_fingerprint(params, cfg: SFTConfig, data_sha: str) -> str:
     """What a checkpoint belongs to: the variant's config, seed, backbone, training data and the
-    training code itself (a changed recipe must retrain, not resume a finished run of the old one)."""
-    import hashlib
-
-    package = Path(__file__).resolve().parents[1]
-    code = hashlib.sha256(b"".join((package / name).read_bytes() for name in RECIPE_CODE))
-    blob = json.dumps({"sft": cfg.model_dump(exclude={"checkpoint_every_n_steps", "metrics", "loss_curve"}),
-                       "seed": params.seed, "backbone": params.backbone.model_dump(), "data": data_sha,
-                       "code": code.hexdigest()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    code the stage runs (a changed recipe must retrain, not resume a finished run of the old one)."""
+    return fingerprint(sft=cfg.model_dump(exclude={"checkpoint_every_n_steps", "metrics", "loss_curve"}),
+                       seed=params.seed, backbone=params.backbone.model_dump(), data=data_sha,
+                       code=code_hash(__name__))
 
 
-def prepare_checkpoint_dir(path: Path, print_fn, stamp: str) -> str | None:
-    """Keep checkpoints of the same configuration (to resume); drop others. Returns the MLflow run
-    id of the run being resumed, if any."""
-    meta = path / "lingtune_run.json"
-    if meta.is_file():
-        saved = json.loads(meta.read_text())
-        if saved.get("fingerprint") == stamp and (path / "last.ckpt").is_file():
-            print_fn(f"resuming from {path / 'last.ckpt'}")
-            return saved.get("mlflow_run_id")
-        print_fn(f"{path}: checkpoints of another configuration; starting afresh")
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
-    return None
+def last_checkpoint(folder: Path) -> str | None:
+    return str(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
 
 
 def _peak_rss_mb() -> float:
@@ -244,7 +216,7 @@ def load_data(backbone_dir: str, data_dir: Path, max_len: int):
     """Tokenizer (pad = eos when the model has no pad token) and the encoded train/val splits."""
     from transformers import AutoTokenizer
 
-    from lingtune.data.formats import read_jsonl
+    from lingtune.formats import read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
     if tokenizer.pad_token_id is None:
@@ -253,11 +225,29 @@ def load_data(backbone_dir: str, data_dir: Path, max_len: int):
             SFTDataset(tokenizer, read_jsonl(data_dir / "val.jsonl"), max_len))
 
 
+class ProgressLines(pl.Callback):
+    """One line per `every` steps (step, loss, seconds per step) where no progress bar is drawn (DVC, CI, logs)."""
+
+    def __init__(self, every: int):
+        self.every, self.started, self.first_step = every, None, None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.started is None:
+            self.started, self.first_step = time.time(), step
+        if step % self.every or not trainer.is_global_zero or step == self.first_step:
+            return
+        rate = (time.time() - self.started) / (step - self.first_step)
+        loss = module.losses[-1]["loss"] if module.losses else float("nan")
+        print(f"sft step {step}/{trainer.max_steps}: loss {loss:.4f}, {rate:.2f} s/step", file=sys.stderr, flush=True)
+
+
 def build_trainer(cfg: SFTConfig, logger, ckpt_dir: Path) -> pl.Trainer:
     """Lightning does the distributed set-up, precision, checkpoints and resuming."""
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    return pl.Trainer(
+    bar = sys.stderr.isatty()
+    return pl.Trainer(enable_progress_bar=bar, enable_model_summary=bar,
         accelerator=cfg.accelerator, strategy=cfg.strategy, devices=cfg.devices, num_nodes=cfg.num_nodes,
         precision=cfg.precision, max_steps=cfg.max_steps, accumulate_grad_batches=cfg.accumulate_grad_batches,
         val_check_interval=cfg.val_every_n_steps, check_val_every_n_epoch=None, limit_val_batches=cfg.val_batches,
@@ -265,7 +255,8 @@ def build_trainer(cfg: SFTConfig, logger, ckpt_dir: Path) -> pl.Trainer:
         use_distributed_sampler=False, logger=logger, default_root_dir=str(ckpt_dir),
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.checkpoint_every_n_steps,
                                    save_last=True, save_top_k=1),
-                   LearningRateMonitor(logging_interval="step")],
+                   LearningRateMonitor(logging_interval="step"),
+                   *([] if bar else [ProgressLines(cfg.log_every_n_steps * 5)])],
     )
 
 
@@ -273,28 +264,26 @@ def run_sft(params, full_baseline: bool = False) -> dict:
     """DVC stage `sft` (`sft_full` with full_baseline): the same command starts a run or resumes the last one."""
     from pytorch_lightning.loggers import MLFlowLogger
 
-    from lingtune.backbone import sha256_file
-
     cfg, data_dir = (params.sft_full if full_baseline else params.sft), Path(params.data.out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(params.seed, workers=True, verbose=False)
     tokenizer, train_set, val_set = load_data(params.backbone.out_dir, data_dir, cfg.max_seq_len)
-    data_sha = sha256_file(data_dir / "train.jsonl")
-    ckpt_dir, stamp = Path(cfg.checkpoint_dir), fingerprint(params, cfg, data_sha)
+    data_sha = content_hash(data_dir / "train.jsonl")
+    checkpoints = CheckpointDir(cfg.checkpoint_dir, checkpoint_fingerprint(params, cfg, data_sha))
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-    run_id = prepare_checkpoint_dir(ckpt_dir, print, stamp) if rank == 0 else None
+    run_id = checkpoints.resume(last_checkpoint)[1] if rank == 0 else None
     logger = MLFlowLogger(experiment_name=params.tracking.experiment, tracking_uri=params.tracking.uri,
                           run_name=f"sft-{cfg.method}{'-nf4' if cfg.quantization == 'nf4' else ''}",
                           run_id=run_id, tags={"lingtune.stage": "sft", "data.train.sha256": data_sha})
     module = SFTModule(params.backbone.out_dir, cfg, tokenizer, train_set, val_set, params.seed)
-    trainer = build_trainer(cfg, logger, ckpt_dir)
+    trainer = build_trainer(cfg, logger, checkpoints.path)
     if trainer.is_global_zero:
         from lingtune.tracking import flatten
 
         logger.log_hyperparams({"seed": params.seed, "backbone": params.backbone.name,
                                 **flatten("sft", cfg.model_dump())})
-        (ckpt_dir / "lingtune_run.json").write_text(json.dumps({"fingerprint": stamp, "mlflow_run_id": logger.run_id}))
+        checkpoints.record(logger.run_id)
     started = time.time()
     monitor = _system_metrics(logger.run_id, params.tracking) if trainer.is_global_zero else None
     try:
@@ -336,7 +325,7 @@ def _finish(module: SFTModule, trainer, logger, cfg: SFTConfig, started: float, 
         "dropped_long_examples": train_set.dropped, "wall_seconds_this_run": round(time.time() - started, 1),
         "peak_rss_mb": round(_peak_rss_mb()), "mlflow_run_id": logger.run_id,
     }
-    write_metrics(Path(cfg.metrics), metrics)
+    write_json(cfg.metrics, metrics)
     logger.experiment.log_metric(logger.run_id, "val/final_loss", val_loss, step=trainer.global_step)
     logger.experiment.log_dict(logger.run_id, metrics, "sft_metrics.json")
     for path in files:

@@ -1,0 +1,125 @@
+"""Model references: what a folder, a LoRA adapter or a `models:/` URI means, and loading,
+merging and hashing them. Shared by evaluation, RL, quantization and serving.
+
+A reference resolves to a `ModelRef`: a base model folder and, for LoRA, an adapter folder on top.
+An adapter runs on the base it was trained on, the one its `adapter_config.json` records (a
+registered version: the one its `lingtune.base_model` tag names). When that base does not exist
+here the reference fails with a ModelError: an adapter on another base computes something else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lingtune.errors import ModelError
+
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A base model folder and, for LoRA, an adapter folder on top of it."""
+
+    base: Path
+    adapter: Path | None = None
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def is_model(folder: str | Path) -> bool:
+    return (Path(folder) / MODEL_CONFIG).is_file()
+
+
+def recorded_base(adapter: str | Path) -> str | None:
+    """The base model path an adapter's config records (peft's `base_model_name_or_path`)."""
+    config = Path(adapter) / ADAPTER_CONFIG
+    if not config.is_file():
+        raise ModelError(f"{adapter}: no LoRA adapter there ({ADAPTER_CONFIG} missing); run `lingtune sft`")
+    try:
+        return json.loads(config.read_text()).get("base_model_name_or_path") or None
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ModelError(f"{config}: not a readable adapter config ({exc})") from None
+
+
+def existing_base(base: str | None, adapter: str | Path) -> Path:
+    if not base:
+        raise ModelError(f"{adapter}: the adapter does not record the base model it was trained on")
+    if not is_model(base):
+        raise ModelError(f"{adapter}: trained on the base model {base}, which is not a model folder here "
+                         "(run `dvc repro backbone`, or train the adapter on a base that exists)")
+    return Path(base)
+
+
+def adapter_base(adapter: str | Path) -> Path:
+    """The base model folder an adapter was trained on; a ModelError when it is not here."""
+    return existing_base(recorded_base(adapter), adapter)
+
+
+def folder_ref(folder: str | Path) -> ModelRef | None:
+    """A model folder or an adapter folder (on its recorded base); None when the folder holds neither."""
+    folder = Path(folder)
+    if is_adapter(folder):
+        return ModelRef(adapter_base(folder), folder)
+    if is_model(folder):
+        return ModelRef(folder)
+    return None
+
+
+def resolve(spec: str, tracking_uri: str = "sqlite:///mlflow.db", cache_dir: str = ".cache/registry") -> ModelRef:
+    """A folder (model or LoRA adapter), or a registered version: `models:/name@alias`, `models:/name/3`
+    (downloaded once to `cache_dir`; an adapter runs on the base its version's tags name)."""
+    from lingtune.registry import PREFIX, fetch
+
+    if spec.startswith(PREFIX):
+        got = fetch(spec, tracking_uri, cache_dir)
+        if got.kind != "lora":
+            return ModelRef(got.folder)
+        return ModelRef(existing_base(got.base_model, f"{spec} (v{got.version})"), got.folder)
+    ref = folder_ref(spec)
+    if ref is None:
+        raise ModelError(f"{spec}: neither a model folder ({MODEL_CONFIG}) nor a LoRA adapter ({ADAPTER_CONFIG})")
+    return ref
+
+
+def load(ref: ModelRef, dtype=None, trainable: bool = False):
+    """(model, tokenizer) of a reference with transformers (+ peft for an adapter); pad = eos when the
+    tokenizer has none."""
+    tokenizer = load_tokenizer(ref.base)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return load_model(ref, dtype, trainable), tokenizer
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_model(ref: ModelRef, dtype=None, trainable: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ref.base, dtype=dtype or torch.float32)
+    if ref.adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(ref.adapter), is_trainable=trainable)
+
+
+def merge(ref: ModelRef, out: Path) -> Path:
+    """An adapter merged into its base (bf16), saved with the base's tokenizer into `out`; a plain model
+    folder is returned as it is."""
+    if ref.adapter is None:
+        return ref.base
+    import torch
+
+    load_model(ref, dtype=torch.bfloat16).merge_and_unload().save_pretrained(out, safe_serialization=True)
+    load_tokenizer(ref.base).save_pretrained(out)
+    return out

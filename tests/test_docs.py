@@ -1,0 +1,202 @@
+"""README and docs/: generated tables match the reports, links resolve, the README stays short."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "tables.py"
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+MEASUREMENT = re.compile(r"\d+(\.\d+)?\s?%|\d+(\.\d+)?\s?(ms|GB|MB|GiB|MiB|req/s|tokens/s|tok/s|min|minutes|seconds)\b"
+                         r"|\b\d+(\.\d+)?\s?s\b|\b\d+(\.\d+)?x\b")
+BENCHMARK_SETTINGS = ("64 clients for 60 s",)
+"""Numbers in prose that are a benchmark's settings, not measurements."""
+
+
+def load_tables():
+    spec = importlib.util.spec_from_file_location("lingtune_tables", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def run_tables(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(root / "scripts" / "tables.py"), "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """What scripts/tables.py reads and writes, copied: the tests edit the copy, never the project."""
+    for rel in ("README.md", "scripts/tables.py", "data/processed/card.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, tmp_path / rel)
+    for rel in ("docs", "reports"):
+        shutil.copytree(ROOT / rel, tmp_path / rel, ignore=shutil.ignore_patterns("*.csv"))
+    return tmp_path
+
+
+def prose_lines(path: Path):
+    """(line number, text) outside code blocks and generated tables."""
+    fenced = generated = False
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fenced = not fenced
+        elif stripped.startswith("<!-- table:"):
+            generated = True
+        elif stripped.startswith("<!-- /table:"):
+            generated = False
+        elif not fenced and not generated:
+            yield number, line
+
+
+def test_tables_match_the_reports():
+    done = run_tables(ROOT, "--check")
+    assert done.returncode == 0, f"stale tables, run `make tables`:\n{done.stdout}{done.stderr}"
+
+
+def test_check_reports_a_hand_edited_number(project_copy):
+    readme = project_copy / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.index("<!-- table:eval -->"), text.index("<!-- /table:eval -->")
+    table = text[start:end]
+    number = re.search(r"\d+\.\d%", table).group(0)
+    readme.write_text(text[:start] + table.replace(number, "99.9%", 1) + text[end:], encoding="utf-8")
+
+    done = run_tables(project_copy, "--check")
+    assert done.returncode == 1
+    assert "README.md: stale table:eval" in done.stdout
+    assert readme.read_text(encoding="utf-8") != text, "--check must not rewrite anything"
+
+    assert run_tables(project_copy).returncode == 0
+    assert readme.read_text(encoding="utf-8") == text
+    assert run_tables(project_copy, "--check").returncode == 0
+
+
+def test_check_reports_a_changed_report(project_copy):
+    path = project_copy / "reports" / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    variant = next(iter(metrics))
+    metrics[variant]["ner.f1"] = 0.123
+    path.write_text(json.dumps(metrics))
+
+    done = run_tables(project_copy, "--check")
+    assert done.returncode == 1
+    assert "README.md: stale table:eval" in done.stdout
+    assert "docs/stages.md: stale table:eval" in done.stdout
+    assert run_tables(project_copy).returncode == 0
+    assert "| 12.3% |" in (project_copy / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_saved_benchmark_becomes_a_table(project_copy):
+    bench = project_copy / "reports" / "benchmarks"
+    bench.mkdir(exist_ok=True)
+    (bench / "serve.json").write_text(json.dumps({"req_per_s": 37.114, "soak": {"clients": 64, "errors": 0},
+                                                  "naive": None, "speedup_vs_naive": 2.56}))
+    (bench / "serve-gpu.json").write_text(json.dumps({"req_per_s": 512.0}))
+
+    done = run_tables(project_copy, "--check")
+    assert done.returncode == 1
+    assert "docs/benchmarks.md: stale table:bench-other, table:bench:serve" in done.stdout
+    assert run_tables(project_copy).returncode == 0
+    page = (project_copy / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert "from `reports/benchmarks/serve.json`" in page and "| soak.clients | 64 |" in page
+    assert "from `reports/benchmarks/serve-gpu.json`" in page and "| req_per_s | 512.0 |" in page
+
+
+def test_every_table_names_its_source():
+    tables = load_tables()
+    for path in doc_files():
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for name, start, end in tables.regions("\n".join(lines), path.name):
+            body = "\n".join(lines[start:end])
+            assert "_Generated by `make tables` from `" in body or "_Not measured yet" in body \
+                or "_No other saved results" in body, (path.name, name)
+
+
+def test_readme_is_short():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 220
+
+
+def test_readme_shows_the_evaluation_and_links_the_docs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "<!-- table:eval -->" in readme
+    for page in ("stages", "design", "serving", "data", "benchmarks"):
+        assert f"(docs/{page}.md)" in readme, page
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {slug(line.lstrip("#")) for _, line in prose_lines(path) if re.match(r"#{1,6} ", line)}
+
+
+def test_relative_links_resolve():
+    broken = []
+    for path in doc_files():
+        for number, line in prose_lines(path):
+            for target in LINK.findall(line):
+                if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                    continue
+                file_part, _, anchor = target.partition("#")
+                dest = (path.parent / file_part).resolve() if file_part else path
+                if not dest.exists():
+                    broken.append(f"{path.relative_to(ROOT)}:{number}: {target} (no such file)")
+                elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                    broken.append(f"{path.relative_to(ROOT)}:{number}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_markers_are_paired_and_known():
+    tables = load_tables()
+    for path in doc_files():
+        text = path.read_text(encoding="utf-8")
+        found = tables.regions(text, path.name)  # raises for an unpaired, nested or stray marker
+        assert len(found) == len(re.findall(r"<!--\s*table:", text)), path.name
+        for name, _, _ in found:
+            tables.render(ROOT, name, set())  # raises for an unknown table name
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("<!-- table:eval -->\nx\n", "never closed"),
+    ("x\n<!-- /table:eval -->\n", "closes no open"),
+    ("<!-- table:eval -->\n<!-- table:data -->\n<!-- /table:data -->\n<!-- /table:eval -->\n", "opens inside"),
+    ("see <!-- table:eval --> here\n", "alone on its line"),
+])
+def test_bad_markers_are_errors(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        load_tables().regions(text, "page.md")
+
+
+def test_every_benchmark_has_a_table_region():
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        if script.stem != "naive_server":  # the baseline server serve.py starts, not a benchmark
+            assert f"<!-- table:bench:{script.stem} -->" in page, script.name
+
+
+def test_no_measured_numbers_in_prose():
+    found = []
+    for path in doc_files():
+        for number, line in prose_lines(path):
+            for allowed in BENCHMARK_SETTINGS:
+                line = line.replace(allowed, "")
+            found += [f"{path.relative_to(ROOT)}:{number}: {m.group(0)!r} in {line.strip()[:100]!r}"
+                      for m in MEASUREMENT.finditer(line)]
+    assert not found, "measured numbers belong in generated tables:\n" + "\n".join(found)
