@@ -3,6 +3,7 @@ gloo processes, nf4 (QLoRA), full fine-tuning, MLflow read-back, and a non-finit
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +62,19 @@ def uninterrupted(root, tmp_path_factory):
     return project
 
 
+@pytest.fixture
+def finished_copy(uninterrupted, tmp_path) -> Path:
+    """This test's own copy of the finished project, for a test that changes it: the module's project
+    stays as it was trained, whatever order the tests run in. The copy gets a fresh MLflow store (the
+    original's experiment records an absolute artifact folder inside the original project)."""
+    project = tmp_path / "copy"
+    shutil.copytree(uninterrupted, project, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["uri"] = f"sqlite:///{project}/mlflow.db"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
 def test_a_few_steps_lower_the_loss(uninterrupted):
     m = metrics(uninterrupted)
     assert m["steps"] == 30 and m["method"] == "lora"
@@ -99,20 +113,22 @@ def test_sigkill_then_resume_is_bit_identical(root, tmp_path, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     a, b = adapter(uninterrupted), adapter(project)
-    assert a.keys() == b.keys()
+    assert a and a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a), "resumed adapter differs from the uninterrupted one"
     assert metrics(project)["mlflow_run_id"] == json.loads(
         (project / "models" / "sft_checkpoints" / "lingtune_run.json").read_text())["mlflow_run_id"]
 
 
-def test_changed_config_does_not_resume_old_checkpoints(uninterrupted):
-    params = yaml.safe_load((uninterrupted / "params.yaml").read_text())
+def test_changed_config_does_not_resume_old_checkpoints(uninterrupted, finished_copy):
+    params = yaml.safe_load((finished_copy / "params.yaml").read_text())
     params["sft"]["lr"] = 0.005
-    (uninterrupted / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run_sft(uninterrupted)
+    (finished_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_sft(finished_copy)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoints of another configuration; starting afresh" in result.stdout
-    assert metrics(uninterrupted)["steps"] == 30
+    assert metrics(finished_copy)["steps"] == 30
+    old, new = adapter(uninterrupted), adapter(finished_copy)
+    assert any(not (old[k] == new[k]).all() for k in old), "the new learning rate was not trained"
 
 
 def test_ddp_with_two_gloo_processes(root, tmp_path):
