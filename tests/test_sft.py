@@ -15,7 +15,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tiny import build_tiny_model
+from conftest import make_sft_project
 
 BASE_SFT = {"max_steps": 30, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "val_every_n_steps": 10,
             "val_batches": 2, "checkpoint_every_n_steps": 5, "log_every_n_steps": 1, "max_seq_len": 160,
@@ -23,18 +23,7 @@ BASE_SFT = {"max_steps": 30, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "va
 
 
 def make_project(root: Path, tmp: Path, **sft) -> Path:
-    """A scratch project: the tiny backbone, a slice of the prepared data, its own MLflow store."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    build_tiny_model(tmp / "models" / "backbone")
-    data = tmp / "data" / "processed"
-    data.mkdir(parents=True)
-    for split, n in (("train", 400), ("val", 40)):
-        rows = [json.loads(line) for line in (root / "tests" / "data" / f"{split}.jsonl").read_text().splitlines()]
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:n]))
-    params = {"tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "system_metrics_seconds": 0.5},
-              "sft": {**BASE_SFT, **sft}}
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-    return tmp
+    return make_sft_project(root, tmp, {**BASE_SFT, **sft})
 
 
 def sft_command():
