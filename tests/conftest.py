@@ -1,4 +1,4 @@
-"""Shared fixtures: the project root, small configs, and a tiny model built from a config."""
+"""Shared fixtures: the project root, small configs, a tiny model built from a config, and a scratch SFT project."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lingtune.env import apply_offline_defaults
 
@@ -32,3 +33,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def make_sft_project(root: Path, tmp: Path, sft: dict) -> Path:
+    """A scratch project for `lingtune sft`: the tiny backbone, a slice of the prepared data, its own MLflow store."""
+    from tiny import build_tiny_model
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    build_tiny_model(tmp / "models" / "backbone")
+    data = tmp / "data" / "processed"
+    data.mkdir(parents=True)
+    for split, n in (("train", 400), ("val", 40)):
+        rows = [json.loads(line) for line in (root / "tests" / "data" / f"{split}.jsonl").read_text().splitlines()]
+        write_jsonl(data / f"{split}.jsonl", rows[:n])
+    params = {"tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "system_metrics_seconds": 0.5}, "sft": sft}
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp

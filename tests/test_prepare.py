@@ -24,7 +24,7 @@ def test_sizes_balance_and_budget(small):
     assert stats["splits"]["test"]["sentiment"] == 40
     for split in ("train", "val", "test"):
         shares = [r.label == "positive" for r in prepared.splits[split] if r.task == "sentiment"]
-        assert sum(shares) * 2 == len(shares)  # every split is balanced
+        assert shares and sum(shares) * 2 == len(shares)  # every split is balanced
     empty = stats["ner"]["sentences_without_entities"]
     assert 0 < empty < stats["ner"]["total"] / 3
 
@@ -37,7 +37,7 @@ def test_no_text_shared_across_splits_and_ids_unique(small):
             key = text_key(r.text)
             assert seen.setdefault(key, split) == split, f"{r.text!r} in {seen[key]} and {split}"
             ids.add(r.id)
-    assert len(ids) == sum(len(r) for r in prepared.splits.values())
+    assert seen and len(ids) == sum(len(r) for r in prepared.splits.values())
 
 
 def test_conflicting_reviews_are_dropped(small):

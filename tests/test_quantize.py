@@ -66,7 +66,8 @@ def test_gptq_int4_of_an_adapter_generates_in_vllm(tmp_path, tiny_model_dir):
     free = engine.generate(records, constrained=False)
     assert len(free) == 4 and all(isinstance(text, str) and text for text in free)
     sentiment = [r for r in read_jsonl(ROOT / "tests/data/val.jsonl", task="sentiment")][:2]
-    assert all(answer in tasks.get("sentiment").choices() for answer in engine.generate(sentiment))
+    answers = engine.generate(sentiment)
+    assert len(answers) == len(sentiment) == 2 and all(a in tasks.get("sentiment").choices() for a in answers)
 
 
 @pytest.mark.parametrize("recipe, message", [("bad={x", "overrides are not JSON"),

@@ -1,6 +1,9 @@
-"""The README's two set-up commands are the ones the Makefile and CI run."""
+"""The README's two set-up commands are the ones the Makefile and CI run, and its cheap `lingtune` commands work."""
 
+import json
 import re
+import subprocess
+import sys
 
 
 def quick_start_commands(root):
@@ -26,3 +29,61 @@ def test_make_targets_install_first(root):
         assert re.search(rf"^{target}: \$\(STAMP\)", makefile, re.M), target
     assert "dvc repro" in makefile
     assert re.search(r"^\$\(STAMP\):.*requirements/constraints.txt", makefile, re.M)
+
+
+# -- the README's cheap commands, run as a user would: `lingtune ...` in a project folder -----------------
+def lingtune(cwd, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lingtune.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def readme_command_lines(root, command: str) -> list[str]:
+    """`lingtune <command> ...` as the README writes it, in code spans and at the start of code-block lines."""
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    spans = re.findall(rf"`(lingtune {command}\b[^`]*)`", readme)
+    lines = re.findall(rf"^(lingtune {command}\b.*?)(?:\s+#.*)?$", readme, re.M)
+    return spans + lines
+
+
+def test_help_lists_every_command_the_readme_uses(root, tmp_path):
+    done = lingtune(tmp_path, "--help")
+    assert done.returncode == 0, done.stderr
+    listed = set(re.findall(r"^│ ([a-z][a-z-]*)  ", done.stdout, re.M))
+    documented = {word for line in readme_command_lines(root, r"[a-z]+") for word in line.split()[1].split("|")}
+    assert {"sft", "eval", "data", "serve"} <= documented  # the README's extraction still finds them
+    assert documented <= listed, documented - listed
+
+
+def test_eval_help_has_the_readme_options(root, tmp_path):
+    done = lingtune(tmp_path, "eval", "--help")
+    assert done.returncode == 0, done.stderr
+    options = {opt for line in readme_command_lines(root, "eval") for opt in re.findall(r"(--[a-z-]+)", line)}
+    assert {"--data", "--task", "--model", "--json", "--free"} <= options
+    shown = set(re.findall(r"(?<![\w-])(--[a-z-]+)", done.stdout))
+    assert options <= shown, options - shown
+
+
+def test_data_stats_on_a_small_project(root, tmp_path):
+    """`lingtune data stats` in a folder whose params.yaml points data.out_dir at small train/val/test splits."""
+    train = (root / "tests" / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    val = (root / "tests" / "data" / "val.jsonl").read_text(encoding="utf-8").splitlines()
+    splits = {"train": train[:5] + train[-5:], "val": val[:10], "test": val[-10:]}
+    for name, lines in splits.items():
+        (tmp_path / "splits").mkdir(exist_ok=True)
+        (tmp_path / "splits" / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "params.yaml").write_text("data:\n  out_dir: splits\n")
+    done = lingtune(tmp_path, "data", "stats")
+    assert done.returncode == 0, done.stderr
+    tasks = [json.loads(line)["task"] for lines in splits.values() for line in lines]
+    assert f"sentiment: {tasks.count('sentiment')} reviews" in done.stdout, done.stdout
+    assert f"ner: {tasks.count('ner')} sentences" in done.stdout, done.stdout
+    assert tasks.count("sentiment") and tasks.count("ner")
+
+
+def test_data_stats_on_a_missing_folder_is_one_error_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  out_dir: not-prepared-yet\n")
+    done = lingtune(tmp_path, "data", "stats")
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "not-prepared-yet" in lines[0], done.stderr

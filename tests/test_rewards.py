@@ -1,14 +1,16 @@
-"""Per-sample rewards, their weights and schedule, clipping, and consistency (no model needed)."""
+"""Per-sample rewards, their weights and schedule, clipping, and consistency; the schedule through the real TRL
+trainers on the tiny model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from lingtune.config import RewardConfig, RewardWeights, parse_params
+from lingtune.config import RewardConfig, parse_params
 from lingtune.judge import RubricJudge
 from lingtune.records import Record
-from lingtune.train.rewards import (COMPONENTS, gold_column, make_weight_schedule, reward_functions, task_reward_fn,
-                                    weighted_reward, weights_at)
+from lingtune.train.rewards import COMPONENTS, gold_column, reward_functions, task_reward_fn, weighted_reward, weights_at
 from lingtune.train.scoring import consistency
 
 TEXT = "江泽民在北京会见李鹏。"
@@ -17,8 +19,6 @@ GOLD = [{"start": 0, "end": 3, "type": "PER", "text": "江泽民"}, {"start": 4,
 
 
 def ner_answer(*pairs) -> str:
-    import json
-
     return json.dumps({"entities": [{"text": t, "type": y} for t, y in pairs]}, ensure_ascii=False)
 
 
@@ -88,22 +88,79 @@ def test_weighted_reward_skips_none_and_clips():
     assert weighted_reward(components, [-1.0, 0.0, 0.0], (-0.5, 1.0)) == -0.5   # clipped low
 
 
-def test_schedule_callback_sets_trainer_weights():
-    from transformers import TrainerState
+class LengthJudge:
+    """A Judge (lingtune.judge.Judge) that scores an answer by its length, never 0, and keeps every call:
+    the tiny model's answers score 0 on the task rewards, so the instruction component is what varies."""
 
-    class FakeTrainer:  # the two attributes the callback touches on RLOOTrainer / GRPOTrainer
-        reward_weights = None
-        logged: dict = {}
+    name = "length"
 
-        def _log_metric(self, name, value):
-            self.logged[name] = value
+    def __init__(self):
+        from lingtune.judge import JudgeStats
 
-    trainer = FakeTrainer()
-    callback = make_weight_schedule(RewardConfig(weights_end=RewardWeights(sentiment=0.1, ner=0.7, instruction=0.2)))
-    callback.bind(trainer)
-    callback.on_step_begin(None, TrainerState(global_step=5, max_steps=10), None)
-    assert trainer.reward_weights.tolist() == pytest.approx([0.3, 0.5, 0.2])
-    assert trainer.logged["reward_weight/ner"] == pytest.approx(0.5)
+        self.stats, self.calls = JudgeStats(), []
+
+    def score(self, items):
+        scores = [(len(item.answer) % 5 + 1) / 5 for item in items]
+        self.calls.append(list(zip(items, scores)))
+        return scores
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_schedule_moves_the_weights_trl_uses_for_the_reward(root, tiny_model_dir, tmp_path, algorithm):
+    """The real TRL trainer, built as `lingtune rl` builds it: each step runs with the schedule's
+    `reward_weights`, and the reward TRL logs for a step is the mean of `weighted_reward` over the step's
+    samples under those weights (the other task's None component skipped, as TRL's nansum does)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.integrations import MLflowCallback
+
+    from lingtune import tasks
+    from lingtune.formats import read_jsonl
+    from lingtune.train.rl import build_trainer, prompt_dataset
+    from lingtune.train.scoring import load_policy
+
+    lines = (root / "tests" / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    shortest = sorted(lines, key=lambda line: len(json.loads(line)["text"]))  # short prompts: fast steps
+    picked = [line for task in ("sentiment", "ner") for line in
+              [line for line in shortest if json.loads(line)["task"] == task][:4]]
+    (tmp_path / "train.jsonl").write_text("\n".join(picked) + "\n", encoding="utf-8")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path / "sft")
+    params = parse_params({
+        "reward": {"weights_start": {"sentiment": 0.5, "ner": 0.3, "instruction": 0.2},
+                   "weights_end": {"sentiment": 0.1, "ner": 0.1, "instruction": 0.8}},
+        "rl": {"algorithm": algorithm, "max_steps": 3, "prompts_per_step": 4, "num_generations": 2,
+               "max_completion_length": 8, "lr": 1e-3, "threads": 1, "save_steps": 100}})
+    judge = LengthJudge()
+    model, tokenizer = load_policy(tmp_path / "sft", trainable=True)
+    trainer = build_trainer(params, model, tokenizer, prompt_dataset(tmp_path / "train.jsonl", 0, params.seed),
+                            judge, str(tmp_path / "ckpt"))
+    used = []
+
+    class RecordWeights(TrainerCallback):  # runs after the schedule: the weights the step ran with
+        def on_step_end(self, args, state, control, **kwargs):
+            used.append(trainer.reward_weights.tolist())
+
+    trainer.remove_callback(MLflowCallback)  # test_rl checks what reaches MLflow; here, what TRL computes
+    trainer.add_callback(RecordWeights())
+    trainer.train()
+
+    schedule = [weights_at(params.reward.weights_start, params.reward.weights_end, step / 3) for step in range(3)]
+    assert used == [pytest.approx(w) for w in schedule] and used[0] != pytest.approx(used[-1])
+    logs = [row for row in trainer.state.log_history if "reward" in row]
+    assert [row["reward_weight/instruction"] for row in logs] == pytest.approx([w[2] for w in schedule])
+    assert len(judge.calls) == len(logs) == 3  # one scoring call per step
+
+    gold = {r.text: r for r in read_jsonl(tmp_path / "train.jsonl")}
+    for call, row, weights in zip(judge.calls, logs, schedule):
+        totals = []
+        for item, instruction in call:
+            record = gold[item.text]
+            components = {name: tasks.get(name).reward(record, item.answer, params.reward.ner_metric)
+                          if record.task == name else None for name in tasks.names()}
+            components["instruction"] = instruction
+            totals.append(weighted_reward(components, weights, params.reward.clip))
+        assert row["reward"] == pytest.approx(sum(totals) / len(totals), rel=1e-5)
 
 
 def test_consistency_agreement_and_valid_rate():

@@ -3,6 +3,7 @@ gloo processes, nf4 (QLoRA), full fine-tuning, MLflow read-back, and a non-finit
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tiny import build_tiny_model
+from conftest import make_sft_project
 
 BASE_SFT = {"max_steps": 30, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "val_every_n_steps": 10,
             "val_batches": 2, "checkpoint_every_n_steps": 5, "log_every_n_steps": 1, "max_seq_len": 160,
@@ -22,18 +23,7 @@ BASE_SFT = {"max_steps": 30, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "va
 
 
 def make_project(root: Path, tmp: Path, **sft) -> Path:
-    """A scratch project: the tiny backbone, a slice of the prepared data, its own MLflow store."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    build_tiny_model(tmp / "models" / "backbone")
-    data = tmp / "data" / "processed"
-    data.mkdir(parents=True)
-    for split, n in (("train", 400), ("val", 40)):
-        rows = [json.loads(line) for line in (root / "tests" / "data" / f"{split}.jsonl").read_text().splitlines()]
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:n]))
-    params = {"tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "system_metrics_seconds": 0.5},
-              "sft": {**BASE_SFT, **sft}}
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-    return tmp
+    return make_sft_project(root, tmp, {**BASE_SFT, **sft})
 
 
 def sft_command():
@@ -58,6 +48,19 @@ def uninterrupted(root, tmp_path_factory):
     project = make_project(root, tmp_path_factory.mktemp("sft-a"))
     result = run_sft(project)
     assert result.returncode == 0, result.stderr[-3000:]
+    return project
+
+
+@pytest.fixture
+def finished_copy(uninterrupted, tmp_path) -> Path:
+    """This test's own copy of the finished project, for a test that changes it: the module's project
+    stays as it was trained, whatever order the tests run in. The copy gets a fresh MLflow store (the
+    original's experiment records an absolute artifact folder inside the original project)."""
+    project = tmp_path / "copy"
+    shutil.copytree(uninterrupted, project, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tracking"]["uri"] = f"sqlite:///{project}/mlflow.db"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     return project
 
 
@@ -99,20 +102,22 @@ def test_sigkill_then_resume_is_bit_identical(root, tmp_path, uninterrupted):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     a, b = adapter(uninterrupted), adapter(project)
-    assert a.keys() == b.keys()
+    assert a and a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a), "resumed adapter differs from the uninterrupted one"
     assert metrics(project)["mlflow_run_id"] == json.loads(
         (project / "models" / "sft_checkpoints" / "lingtune_run.json").read_text())["mlflow_run_id"]
 
 
-def test_changed_config_does_not_resume_old_checkpoints(uninterrupted):
-    params = yaml.safe_load((uninterrupted / "params.yaml").read_text())
+def test_changed_config_does_not_resume_old_checkpoints(uninterrupted, finished_copy):
+    params = yaml.safe_load((finished_copy / "params.yaml").read_text())
     params["sft"]["lr"] = 0.005
-    (uninterrupted / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run_sft(uninterrupted)
+    (finished_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_sft(finished_copy)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoints of another configuration; starting afresh" in result.stdout
-    assert metrics(uninterrupted)["steps"] == 30
+    assert metrics(finished_copy)["steps"] == 30
+    old, new = adapter(uninterrupted), adapter(finished_copy)
+    assert any(not (old[k] == new[k]).all() for k in old), "the new learning rate was not trained"
 
 
 def test_ddp_with_two_gloo_processes(root, tmp_path):

@@ -1,0 +1,93 @@
+"""Golden values on tiny models: the SFT stage's loss curve, and the fast answer-only loss against the plain
+cross-entropy of the model's logits (Llama, and Gemma 3 with its final logit soft-capping)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import make_sft_project
+
+GOLDEN_SFT = {"max_steps": 12, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "val_every_n_steps": 12,
+              "val_batches": 1, "checkpoint_every_n_steps": 12, "log_every_n_steps": 1, "max_seq_len": 160,
+              "precision": "32-true", "threads": 1, "lora": {"dropout": 0.0}}
+"""float32, not the shipped bf16 autocast: bf16 matmuls round differently on CPUs with and without native
+bf16, and a golden curve must hold on any machine. Dropout off: nothing random but the data order."""
+
+GOLDEN_LOSSES = [7.519711, 7.438417, 7.296336, 7.206835, 7.153111, 7.063346,
+                 6.939179, 6.843295, 6.793855, 6.757117, 6.736290, 6.727682]
+"""Per-step training loss of `lingtune sft` with GOLDEN_SFT on the tiny model (tests/tiny.py) and the first 400
+rows of tests/data/train.jsonl, recorded by running this test once (see the commit that set them). A change in
+the tiny model, the test data, the prompt template, the loader or the loss moves them: re-record on purpose."""
+
+
+def test_sft_loss_curve_matches_the_golden_values(root, tmp_path):
+    project = make_sft_project(root, tmp_path, GOLDEN_SFT)
+    done = subprocess.run([sys.executable, "-m", "lingtune.cli", "sft"], cwd=project, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (project / "reports" / "sft_loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [int(step) for step, _ in rows] == list(range(12))
+    losses = [float(loss) for _, loss in rows]
+    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-3, abs=2e-3), losses
+
+
+def _batch(tokenizer, root):
+    """A left-padded batch of one sentiment and one NER record from the test data, as SFT builds it."""
+    from lingtune.formats import read_jsonl
+    from lingtune.tasks.base import encode_example
+    from lingtune.train.loader import collate_left_padded
+
+    records = read_jsonl(root / "tests" / "data" / "train.jsonl")
+    picked = [next(r for r in records if r.task == "sentiment" and len(r.text) < 60),
+              next(r for r in records if r.task == "ner" and r.entities)]
+    return collate_left_padded([encode_example(tokenizer, r) for r in picked], tokenizer.pad_token_id)
+
+
+def _reference_loss(model, batch) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of the full forward pass's logits on the answer tokens (labels != -100), shifted by one."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100), int(
+        (targets != -100).sum())
+
+
+def _gemma3(tokenizer):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, sliding_window=16,
+        initializer_range=0.5,  # logits of a few units, so that the soft-cap (tanh(x / 5) * 5) changes them a lot
+        final_logit_softcapping=5.0, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    return Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_answer_loss_equals_cross_entropy_of_the_full_logits(root, tiny_model_dir, arch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lingtune.train.sft import answer_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if arch == "llama":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    else:
+        model = _gemma3(tokenizer)
+    model = model.float().eval()
+    batch = _batch(tokenizer, root)
+    assert (batch["attention_mask"] == 0).any()  # the records differ in length: left padding is exercised
+    with torch.no_grad():
+        fast, tokens = answer_loss(model, batch)
+        expected, expected_tokens = _reference_loss(model, batch)
+    assert tokens == expected_tokens > 0
+    assert fast.item() == pytest.approx(expected.item(), rel=1e-4)
