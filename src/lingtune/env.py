@@ -48,7 +48,6 @@ _NOISE_WARNINGS = (
 _NOISE_LOG_LINES = (
     "Failed to load CPU gemm_4bit_forward",  # bitsandbytes on a CPU without its optional kernel
     "💡 Tip:",  # Lightning's litlogger advertisement
-    "No tokenizer found in",  # vLLM, once per LoRA request: the adapter uses the base's tokenizer
 )
 
 
@@ -73,7 +72,7 @@ def quiet_library_noise() -> None:
     for pattern in _NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("bitsandbytes", "bitsandbytes.cextension", "lightning.pytorch.utilities.rank_zero",
-                 "pytorch_lightning.utilities.rank_zero", "vllm", "vllm.lora.request", "vllm.lora.worker_manager"):
+                 "pytorch_lightning.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())
