@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,8 @@ def run_evaluate(params) -> dict:
             started = time.time()
             answers = engine.generate(recs, adapter=ref.adapter, constrained=cfg.constrained)
             results[name][task] = {**score(task, recs, answers), "seconds": round(time.time() - started, 1)}
+            print(f"evaluate {name} {task}: {len(recs)} examples in {results[name][task]['seconds']:.0f} s",
+                  file=sys.stderr, flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {name: {f"{task}.{k}": v for task, m in r.items() for k, v in m.items()

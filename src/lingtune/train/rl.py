@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def trainer_args(params, output_dir: str):
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=cfg.logging_steps,
         report_to=["mlflow"], run_name="rl", seed=params.seed, data_seed=params.seed,
         remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
+        disable_tqdm=not sys.stderr.isatty(),  # without a terminal: one printed line per logged step
     )
     if cfg.algorithm == "grpo":
         return GRPOConfig(**common)
