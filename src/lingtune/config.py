@@ -137,7 +137,10 @@ class SFTConfig(_Section):
     accumulate_grad_batches: int = Field(1, ge=1)
     max_seq_len: int = Field(256, ge=16)
     """Longer examples are dropped (and counted), never silently cut."""
-    precision: Literal["bf16-mixed", "16-mixed", "32-true"] = "bf16-mixed"
+    precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = "auto"
+    """`auto`: `bf16-mixed` where bf16 matmuls are native (a CPU with AVX-512 BF16 or AMX, a bf16 GPU),
+    else `32-true`. `32-true` keeps every weight in float32 (a LoRA base too); the mixed modes keep a LoRA
+    base in bf16 and autocast."""
     gradient_checkpointing: bool = False
     threads: int = Field(2, ge=0)
     """torch threads per process; 0 keeps torch's default."""

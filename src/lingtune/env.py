@@ -76,3 +76,19 @@ def quiet_library_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())
+
+
+def native_bf16(gpu: bool = False) -> bool:
+    """Whether bf16 matmuls run at matrix speed here: a CUDA GPU with bf16 support, or a CPU with AVX-512
+    BF16 or AMX. Elsewhere (an AVX2-only CPU, e.g. many AMD EPYC servers) torch takes a fallback path
+    measured ~100x slower than fp32 (benchmarks/matmul_peak.py), so training should run in fp32 there."""
+    if gpu:
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next((line.split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

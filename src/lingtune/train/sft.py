@@ -7,7 +7,9 @@ Features and their cost:
 * Full fine-tuning (`sft.method: full`): the baseline the evaluation compares against; saves the
   whole model.
 * Answer-only loss, and logits only for the answer positions (`logits_to_keep`), left padding,
-  length-bucketed batches, bf16 autocast on CPU.
+  length-bucketed batches. Precision `auto`: bf16 autocast (bf16 LoRA base) where bf16 matmuls are
+  native (AVX-512 BF16 / AMX CPUs, bf16 GPUs), float32 elsewhere (an AVX2-only CPU runs bf16 matmuls
+  on a fallback path ~100x slower than fp32: benchmarks/matmul_peak.py).
 * DDP: `strategy`, `devices`, `num_nodes` (gloo on CPU, NCCL on GPU); a multi-node run is the
   same command with MASTER_ADDR/MASTER_PORT/NODE_RANK set.
 * Fault tolerance: `ModelCheckpoint(every_n_train_steps, save_last=True)` + `fit(ckpt_path="last")`
@@ -48,7 +50,7 @@ def load_model(backbone_dir: str, cfg: SFTConfig):
     """The backbone, quantized and wrapped for the configured method."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": torch.float32 if cfg.method == "full" else torch.bfloat16}
+    kwargs = {"dtype": torch.float32 if cfg.method == "full" or cfg.precision == "32-true" else torch.bfloat16}
     if cfg.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -260,11 +262,25 @@ def build_trainer(cfg: SFTConfig, logger, ckpt_dir: Path) -> pl.Trainer:
     )
 
 
+def resolve_precision(cfg: SFTConfig) -> SFTConfig:
+    """`precision: auto` made concrete for this machine (bf16 only where its matmuls are native)."""
+    if cfg.precision != "auto":
+        return cfg
+    from lingtune.env import native_bf16
+
+    gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    precision = "bf16-mixed" if native_bf16(gpu) else "32-true"
+    print(f"sft precision: {precision} (auto: bf16 matmuls are {'' if precision == 'bf16-mixed' else 'not '}native "
+          f"on this {'GPU' if gpu else 'CPU'})", file=sys.stderr, flush=True)
+    return cfg.model_copy(update={"precision": precision})
+
+
 def run_sft(params, full_baseline: bool = False) -> dict:
     """DVC stage `sft` (`sft_full` with full_baseline): the same command starts a run or resumes the last one."""
     from pytorch_lightning.loggers import MLFlowLogger
 
-    cfg, data_dir = (params.sft_full if full_baseline else params.sft), Path(params.data.out_dir)
+    cfg = resolve_precision(params.sft_full if full_baseline else params.sft)
+    data_dir = Path(params.data.out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(params.seed, workers=True, verbose=False)
@@ -317,7 +333,8 @@ def _finish(module: SFTModule, trainer, logger, cfg: SFTConfig, started: float, 
     write_loss_curve(Path(cfg.loss_curve), losses)
     tail = [row["loss"] for row in losses[-10:]]
     metrics = {
-        "method": cfg.method, "quantization": cfg.quantization, "steps": trainer.global_step,
+        "method": cfg.method, "quantization": cfg.quantization, "precision": cfg.precision,
+        "steps": trainer.global_step,
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "val_loss": val_loss, "skipped_batches": module.skipped,
