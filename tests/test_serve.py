@@ -323,13 +323,19 @@ def test_plan_skips_adapters_trained_on_another_base(tiny_model_dir, tmp_path):
     from lingtune.serve.runtime import resolve_plan
 
     ours = _tiny_adapter(tiny_model_dir, tmp_path / "ours")
-    other = _tiny_adapter(tiny_model_dir, tmp_path / "other")
-    config = json.loads((other / "adapter_config.json").read_text())
-    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path)}))
-    plan = resolve_plan(parse_params({"serve": {"model": str(tiny_model_dir),
-                                                "adapters": {"ours": str(ours), "other": str(other)}}}))
+    other, orphan = _tiny_adapter(tiny_model_dir, tmp_path / "other"), _tiny_adapter(tiny_model_dir, tmp_path / "orphan")
+    other_base = tmp_path / "other-base"
+    other_base.mkdir()
+    (other_base / "config.json").write_text("{}")
+    for adapter, base in ((other, other_base), (orphan, tmp_path / "gone")):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    plan = resolve_plan(parse_params({"serve": {"model": str(tiny_model_dir), "adapters": {
+        "ours": str(ours), "other": str(other), "orphan": str(orphan)}}}))
     assert plan.adapters == {"ours": ours}
-    assert plan.skipped == (f"other ({other}: trained on {tmp_path}, not on the served {tiny_model_dir})",)
+    assert plan.skipped[0] == f"other ({other}: trained on {other_base}, not on the served {tiny_model_dir})"
+    assert plan.skipped[1].startswith(f"orphan ({orphan}: {orphan}: trained on the base model {tmp_path / 'gone'}, "
+                                      "which is not a model folder here")
 
 
 def test_plan_merges_an_adapter_model_once(tiny_model_dir, tmp_path):

@@ -43,6 +43,17 @@ def test_every_imported_source_file_is_a_dep(root, name):
     assert not missing, f"dvc.yaml stage {name} lacks deps:\n" + "\n".join(f"      - {m}" for m in missing)
 
 
+@pytest.mark.parametrize("name", ["backbone", "prepare", "validate", "sft", "sft_full", "evaluate", "reward", "rl",
+                                  "quantize", "register"])
+def test_no_source_dep_the_stage_does_not_run(root, name):
+    """A listed lingtune file the stage no longer imports would rerun it for nothing (quantize_worker.py is
+    run by path in its own environment, not imported)."""
+    stage = stages(root)[name]
+    listed = {d for d in stage.get("deps", []) if d.startswith("src/lingtune/")}
+    extra = sorted(listed - needed(root, stage) - {"src/lingtune/quantize_worker.py"})
+    assert not extra, f"dvc.yaml stage {name} lists code it does not import: {extra}"
+
+
 def test_listed_source_deps_exist_and_are_files(root):
     for name, stage in stages(root).items():
         for dep in stage.get("deps", []):

@@ -129,13 +129,18 @@ def write_plots(results: dict, out_dir: Path) -> None:
 def run_evaluate(params) -> dict:
     """DVC stage `evaluate`: every variant on the held-back test split, one vLLM engine for all
     variants that share the backbone (LoRA adapters are applied per request)."""
-    from lingtune.evaluate.engine import Engine
+    from lingtune.evaluate.engine import Engine, unsupported_here
 
     cfg = params.evaluate
     test = Path(params.data.out_dir) / "test.jsonl"
     records = {task: read_jsonl(test, task=task)[: cfg.max_examples or None] for task in tasks.TASKS}
     engine_cfg = engine_config(params)
-    found = variants(params)
+    found, skipped = variants(params), {}
+    for name, variant in list(found.items()):
+        if reason := unsupported_here(variant.ref.base):  # said in the log and in details.json, not hidden
+            print(f"evaluate {name}: skipped: {reason}", file=sys.stderr, flush=True)
+            skipped[name] = reason
+            del found[name]
     results, engines = {}, {}
     for name, variant in found.items():
         ref = variant.ref
@@ -157,7 +162,8 @@ def run_evaluate(params) -> dict:
                       if isinstance(v, (int, float))} for name, r in results.items()}
     write_json(out / "metrics.json", summary)
     write_json(out / "details.json", results)
-    write_text(out / "table.md", comparison_table(results))
+    write_text(out / "table.md", comparison_table(results) + "".join(
+        f"\nNot evaluated on this machine: {name} ({reason}).\n" for name, reason in skipped.items()))
     write_plots(results, out)
     log_to_mlflow(params, found, summary, out)
     return results
