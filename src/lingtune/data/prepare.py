@@ -188,8 +188,6 @@ def dataset_card(prepared: Prepared, cfg: DataConfig, seed: int, files: dict[str
 
 def prepare_stage(params) -> dict:
     """DVC stage `prepare`: build, write, describe and log the dataset."""
-    import json
-
     from lingtune.data.card import card_markdown
     from lingtune.tracking import stage_run
 
