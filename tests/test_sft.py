@@ -142,7 +142,7 @@ def test_full_baseline_trains_beside_the_adapter(root, tmp_path):
     """`lingtune sft --full` (stage sft_full): the sft recipe with sft_full's overrides, own folders."""
     project = make_project(root, tmp_path, max_steps=8)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["sft_full"] = {"lr": 0.001}
+    params["sft_full"] = {"lr": 0.001, "max_steps": 8}  # the full baseline has its own lr and step budget
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run(sft_command() + ["--full"], cwd=project, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
