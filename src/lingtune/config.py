@@ -283,15 +283,20 @@ class ServeConfig(_Section):
     """Default `model` of the task endpoints; the base model if that adapter is not loaded."""
     api_key_env: str = "LINGTUNE_API_KEY"
     """Name of the environment variable holding the Bearer key; unset or empty = no key."""
+    allow_anonymous: bool = False
+    """Without a key the service binds 127.0.0.1 and answers local clients only; true: serve anyone on `host`."""
     host: str = "0.0.0.0"
+    """Bind address when a key is set (or allow_anonymous)."""
     port: int = Field(3000, ge=1, le=65535)
     max_tokens: int = Field(512, ge=1)
     """Upper bound on a request's max_tokens / max_completion_tokens."""
-    max_prompt_chars: int = Field(4000, ge=1)
-    """Upper bound on the characters of one prompt (all messages together) or one task text."""
+    max_prompt_tokens: int = Field(640, ge=1)
+    """Upper bound on the tokens of one prompt (a whole conversation with its tools) or one task text."""
     max_batch: int = Field(32, ge=1)
     """Upper bound on texts per task request, prompts per completion request, and `n`."""
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_concurrency: int = Field(64, ge=1)
+    """Model requests in progress at once; more get a 429 with Retry-After (the openai client retries)."""
     max_tokens_ner: int = Field(256, ge=16)
     max_model_len: int = Field(1024, ge=64)
     max_num_seqs: int = Field(64, ge=1)
@@ -315,6 +320,15 @@ class ServeConfig(_Section):
     preload: bool = True
     """LD_PRELOAD tcmalloc and Intel OpenMP (when found) into the engine process."""
     timeout_s: int = Field(300, ge=1)
+
+    @model_validator(mode="after")
+    def _answers_fit_the_context(self) -> "ServeConfig":
+        if self.max_prompt_tokens + self.max_tokens_ner > self.max_model_len:
+            raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) + max_tokens_ner ({self.max_tokens_ner}) "
+                             f"must fit max_model_len ({self.max_model_len}): a NER answer would be cut off")
+        if self.max_tokens >= self.max_model_len:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be below max_model_len ({self.max_model_len})")
+        return self
 
 
 

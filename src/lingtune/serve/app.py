@@ -23,9 +23,15 @@ class Gateway:
     def __init__(self):
         self.app = None
         self.engine = None
+        self.fallback = False
+        """Serving `serve.fallback_model`: alive, but not what was asked for, so never ready."""
 
     def ready(self) -> bool:
-        return self.app is not None and not self.engine.errored
+        return self.app is not None and not self.engine.errored and not self.fallback
+
+    def tokenizer(self):
+        """The served model's tokenizer (the guard counts prompt tokens with it); None before the engine runs."""
+        return None if self.engine is None else self.engine.get_tokenizer()
 
     async def __call__(self, scope, receive, send):
         if self.app is None:

@@ -93,6 +93,24 @@ def merged_model(base: Path, adapter: Path, cache_dir: Path) -> Path:
     return out
 
 
+LOCAL_HOST = "127.0.0.1"
+
+
+def bind_host(cfg: ServeConfig, api_key: str | None) -> str:
+    """`serve.host` with a key (or allow_anonymous); loopback only without one."""
+    return cfg.host if api_key or cfg.allow_anonymous else LOCAL_HOST
+
+
+def access_summary(cfg: ServeConfig, api_key: str | None) -> str:
+    host = bind_host(cfg, api_key)
+    if api_key:
+        return f"listening on {host}:{cfg.port}; every route but the health probes needs the key in ${cfg.api_key_env}"
+    if cfg.allow_anonymous:
+        return f"listening on {host}:{cfg.port} WITHOUT an API key (serve.allow_anonymous: true): anyone who reaches it"
+    return (f"listening on {host}:{cfg.port} for local clients only: ${cfg.api_key_env} is not set "
+            "(set it, or serve.allow_anonymous: true, to serve other hosts)")
+
+
 def preload_libraries() -> list[str]:
     """tcmalloc and Intel OpenMP, where the venv or the system has them (vLLM's CPU guide asks for
     both; without them vLLM preloads torch's libgomp itself)."""

@@ -1,11 +1,14 @@
 """POST /v1/sentiment and /v1/ner: the trained prompt, constrained decoding in the trained answer
 format (so every answer parses), and validated JSON back: a label, or entities with character
 offsets (lingtune.data.prompts.locate_entities). Runs on the same vLLM engine as the OpenAI routes,
-so task requests and chat requests are batched together."""
+so task requests and chat requests are batched together. A text whose prompt and answer budget do
+not fit the context is a 400 (never a cut-off answer in a 200); a client that goes away cancels its
+generations."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -16,12 +19,14 @@ from lingtune import tasks
 from lingtune.decoding import TaskDecoder
 
 router = APIRouter()
+log = logging.getLogger("lingtune.serve")
 
 
 @dataclass(frozen=True)
 class TaskSettings:
     default_model: str
     max_tokens_ner: int
+    max_model_len: int
 
 
 class TaskRequest(BaseModel):
@@ -67,9 +72,21 @@ def decoder(state) -> TaskDecoder:
     return state.lingtune_decoder
 
 
-async def _answer(engine, decode: TaskDecoder, task: str, text: str, lora) -> tuple[str, int, int]:
-    """(answer text, prompt tokens, completion tokens) of one text."""
-    prompt = decode.prompt(task, text)
+def fitting_prompts(decode: TaskDecoder, task: str, texts: list[str], max_model_len: int) -> list[dict]:
+    """The engine prompts of `texts`; 400 when a prompt plus its answer budget exceeds the context."""
+    budget = decode.sampling(task).max_tokens
+    prompts = [decode.prompt(task, t) for t in texts]
+    for i, prompt in enumerate(prompts):
+        used = len(prompt["prompt_token_ids"])
+        if used + budget > max_model_len:
+            raise HTTPException(400, f"text {i} is too long: {used} prompt tokens + {budget} answer tokens exceed "
+                                     f"this server's context of {max_model_len} tokens")
+    return prompts
+
+
+async def _answer(engine, decode: TaskDecoder, task: str, prompt: dict, lora) -> tuple[str, int, int]:
+    """(answer text, prompt tokens, completion tokens) of one prompt. Cancelling the task aborts the
+    request in the engine (AsyncLLM.generate aborts on CancelledError)."""
     final = None
     async for output in engine.generate(prompt, decode.sampling(task), f"{task}-{uuid.uuid4().hex}",
                                         lora_request=lora):
@@ -78,12 +95,37 @@ async def _answer(engine, decode: TaskDecoder, task: str, text: str, lora) -> tu
     return decode.answer(task, completion), len(prompt["prompt_token_ids"]), len(completion.token_ids)
 
 
+async def until_disconnected(request: Request, every_s: float = 0.25) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+
+
+async def unless_disconnected(request: Request, work: list):
+    """The results of `work` (coroutines), or HTTP 499 with every one cancelled once the client is gone."""
+    jobs = asyncio.gather(*work)
+    watch = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({jobs, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not jobs.done():
+            jobs.cancel()
+            log.info("%s: client went away, %d generation(s) cancelled", request.url.path, len(work))
+            raise HTTPException(499, "client closed the request")
+        return jobs.result()
+    finally:
+        watch.cancel()
+        if not jobs.done():
+            jobs.cancel()
+
+
 async def run_task(task: str, body: TaskRequest, request: Request):
     state = request.app.state
-    lora = await _lora(state, body.model or state.lingtune_tasks.default_model)
+    settings: TaskSettings = state.lingtune_tasks
+    lora = await _lora(state, body.model or settings.default_model)
     decode = decoder(state)
     texts = [body.text] if body.text is not None else body.texts
-    answers = await asyncio.gather(*(_answer(state.engine_client, decode, task, t, lora) for t in texts))
+    prompts = fitting_prompts(decode, task, texts, settings.max_model_len)
+    answers = await unless_disconnected(
+        request, [_answer(state.engine_client, decode, task, p, lora) for p in prompts])
     results = [to_result(task, t, a) for t, (a, _, _) in zip(texts, answers)]
     prompt_tokens, completion_tokens = sum(a[1] for a in answers), sum(a[2] for a in answers)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

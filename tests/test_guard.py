@@ -1,0 +1,268 @@
+"""The guard in front of the service, driven through ASGI with a stand-in app behind it (the real
+service with vLLM behind the same guard: test_serve.py). Each test names the defence it proves;
+removing that defence makes it fail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from lingtune.serve.guard import Guard
+from lingtune.serve.limits import Limits
+
+KEY = "k-123"
+LIMITS = Limits(max_tokens=48, max_prompt_tokens=20, max_batch=4, max_body_bytes=4096, max_concurrency=2,
+                body_timeout_s=0.5)
+CHAT = "/v1/chat/completions"
+
+
+class Backend:
+    """Records every request it is handed and answers 200; `hold` makes chat requests wait."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, bytes]] = []
+        self.hold: asyncio.Event | None = None
+
+    async def __call__(self, scope, receive, send):
+        message = await receive()
+        self.seen.append((scope["path"], message.get("body", b"")))
+        if self.hold is not None and scope["path"] == CHAT:
+            await self.hold.wait()
+        body = (json.dumps({"object": "list", "data": [{"id": "sft", "root": "/home/me/models/sft"}]})
+                if scope["path"] == "/v1/models" else '{"ok": true}').encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)  # one token per character
+
+
+def make(tokenizer, key: str | None = KEY, allow_anonymous: bool = False, limits: Limits = LIMITS,
+         loaded: bool = True):
+    backend = Backend()
+    guard = Guard(backend, api_key=key, limits=limits, allow_anonymous=allow_anonymous,
+                  tokenizer=lambda: tokenizer if loaded else None)
+    return guard, backend
+
+
+def client(guard, host: str = "127.0.0.1", key: str | None = KEY) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=guard, client=(host, 5555)),
+                             base_url="http://lingtune", headers=headers)
+
+
+def call(guard, method: str, path: str, content: bytes | str | None = None, **kw) -> httpx.Response:
+    async def go():
+        async with client(guard, **kw) as c:
+            return await c.request(method, path, content=content, headers={"content-type": "application/json"})
+
+    return asyncio.run(go())
+
+
+def chat(**fields) -> str:
+    return json.dumps({"model": "lingtune", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def message_of(response: httpx.Response) -> str:
+    return response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/invocations", "/v1/responses", "/v1/messages", "/generative_scoring",
+                                  "/openapi.json", "/docs", "/v1/embeddings", "/pooling", "/v1/load_lora_adapter"])
+def test_undocumented_routes_do_not_exist(tokenizer, path):
+    guard, backend = make(tokenizer)
+    response = call(guard, "POST", path, chat(n=2000))
+    assert response.status_code == 404 and "no route" in message_of(response)
+    assert backend.seen == []
+
+
+def test_a_wrong_method_is_a_405(tokenizer):
+    guard, backend = make(tokenizer)
+    assert call(guard, "GET", CHAT).status_code == 405
+    assert call(guard, "DELETE", "/v1/models").status_code == 405 and backend.seen == []
+
+
+def test_websockets_are_closed_before_accept(tokenizer):
+    guard, backend = make(tokenizer)
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(guard({"type": "websocket", "path": "/v1/realtime", "headers": [], "client": ("127.0.0.1", 1)},
+                      receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}] and backend.seen == []
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/metrics", "/docs.json", "/tokenize", CHAT, "/v1/ner"])
+def test_the_key_protects_every_route_but_the_probes(tokenizer, path):
+    guard, backend = make(tokenizer)
+    method = "POST" if path in ("/tokenize", CHAT, "/v1/ner") else "GET"
+    assert call(guard, method, path, "{}", key=None).status_code == 401
+    assert call(guard, method, path, "{}", key="wrong").status_code == 401
+    assert backend.seen == []
+    assert call(guard, "GET", "/readyz", key=None).status_code == 200
+
+
+def test_without_a_key_only_local_clients_are_served(tokenizer):
+    guard, _ = make(tokenizer, key=None)
+    assert call(guard, "GET", "/v1/models", key=None, host="127.0.0.1").status_code == 200
+    remote = call(guard, "GET", "/v1/models", key=None, host="10.1.2.3")
+    assert remote.status_code == 403 and "local clients only" in message_of(remote)
+    assert call(guard, "GET", "/healthz", key=None, host="10.1.2.3").status_code == 403
+    anonymous, _ = make(tokenizer, key=None, allow_anonymous=True)
+    assert call(anonymous, "GET", "/v1/models", key=None, host="10.1.2.3").status_code == 200
+
+
+def test_a_key_serves_remote_clients(tokenizer):
+    guard, _ = make(tokenizer)
+    assert call(guard, "GET", "/v1/models", host="10.1.2.3").status_code == 200
+
+
+def test_the_service_binds_loopback_without_a_key():
+    from lingtune.config import parse_params
+    from lingtune.serve.runtime import access_summary, bind_host
+
+    cfg = parse_params({"serve": {"host": "0.0.0.0"}}).serve
+    assert bind_host(cfg, None) == "127.0.0.1" and "local clients only" in access_summary(cfg, None)
+    assert bind_host(cfg, "key") == "0.0.0.0"
+    anonymous = parse_params({"serve": {"host": "0.0.0.0", "allow_anonymous": True}}).serve
+    assert bind_host(anonymous, None) == "0.0.0.0" and "WITHOUT an API key" in access_summary(anonymous, None)
+
+
+@pytest.mark.parametrize("field, value", [("n", "64"), ("n", 64.0), ("n", True), ("max_tokens", 1e9),
+                                          ("max_tokens", "8"), ("max_completion_tokens", 2.5), ("n", 0),
+                                          ("max_tokens", 0), ("max_tokens", 49), ("n", 5), ("min_tokens", "3"),
+                                          ("top_logprobs", 2.0)])
+def test_counts_are_json_integers_in_range(tokenizer, field, value):
+    guard, backend = make(tokenizer)
+    response = call(guard, "POST", CHAT, chat(**{field: value}))
+    assert response.status_code == 400 and field in message_of(response)
+    assert backend.seen == []
+
+
+def test_integers_in_range_pass_and_the_body_is_replayed_unchanged(tokenizer):
+    guard, backend = make(tokenizer)
+    body = chat(n=4, max_tokens=48, min_tokens=1)
+    assert call(guard, "POST", CHAT, body).status_code == 200
+    assert backend.seen == [(CHAT, body.encode())]
+
+
+@pytest.mark.parametrize("body", ["[" * 200_000, '{"a": ' + "[" * 600 + "]" * 600 + "}",
+                                  chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x",
+                                                                              "extra": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]}])])
+def test_deep_nesting_is_a_400(tokenizer, body):
+    guard, _ = make(tokenizer, limits=Limits(**{**LIMITS.__dict__, "max_body_bytes": 1_000_000}))
+    response = call(guard, "POST", CHAT, body)
+    assert response.status_code == 400 and "nests deeper" in message_of(response)
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/v1/models"),
+                                          ("GET", "/metrics"), ("POST", "/v1/sentiment")])
+def test_every_route_caps_its_body(tokenizer, method, path):
+    guard, backend = make(tokenizer)
+    response = call(guard, method, path, b'{"prompt": "' + b"x" * 5000 + b'"}')
+    assert response.status_code == 413 and backend.seen == []
+
+
+def test_a_declared_oversize_body_is_refused_before_it_is_read(tokenizer):
+    guard, backend = make(tokenizer)
+    received = []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b"{}", "more_body": True}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/tokenize", "client": ("127.0.0.1", 1),
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-length", b"9000000")]}
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 413 and received == []
+
+
+def test_a_body_that_never_finishes_times_out(tokenizer):
+    guard, backend = make(tokenizer)
+    sent = []
+
+    async def receive():
+        await asyncio.sleep(0.2)  # a trickle: one byte at a time, never the last
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": CHAT, "client": ("127.0.0.1", 1),
+             "headers": [(b"authorization", f"Bearer {KEY}".encode())]}
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 408 and backend.seen == []
+
+
+def test_prompt_limit_is_in_tokens_and_counts_every_field_of_a_conversation(tokenizer):
+    guard, backend = make(tokenizer)
+    assert call(guard, "POST", CHAT, chat(messages=[{"role": "user", "content": "长" * 18}])).status_code == 200
+    for body in (chat(messages=[{"role": "user", "content": "长" * 21}]),
+                 chat(messages=[{"role": "user", "content": "hi", "name": "x" * 30}]),
+                 chat(tools=[{"type": "function", "function": {"name": "f", "description": "d" * 30}}]),
+                 json.dumps({"model": "lingtune", "prompt": [1] * 21}),
+                 json.dumps({"model": "lingtune", "prompt": ["ok", "长" * 21]})):
+        path = CHAT if "messages" in body else "/v1/completions"
+        response = call(guard, "POST", path, body)
+        assert response.status_code == 400 and "limit is 20" in message_of(response), body
+
+
+def test_task_and_tokenize_texts_are_limited_too(tokenizer):
+    guard, _ = make(tokenizer)
+    assert call(guard, "POST", "/v1/ner", json.dumps({"texts": ["北京"] * 5})).status_code == 400
+    assert call(guard, "POST", "/v1/ner", json.dumps({"text": "京" * 21})).status_code == 400
+    assert call(guard, "POST", "/tokenize", json.dumps({"model": "lingtune", "prompt": "京" * 21})).status_code == 400
+    assert call(guard, "POST", "/detokenize", json.dumps({"model": "lingtune", "tokens": [5] * 21})).status_code == 400
+    assert call(guard, "POST", "/v1/ner", json.dumps({"text": "京" * 20})).status_code == 200
+
+
+def test_model_requests_wait_for_the_model(tokenizer):
+    guard, backend = make(tokenizer, loaded=False)
+    response = call(guard, "POST", CHAT, chat())
+    assert response.status_code == 503 and response.headers["retry-after"] and backend.seen == []
+
+
+def test_models_listing_hides_local_folders(tokenizer):
+    guard, _ = make(tokenizer)
+    listing = call(guard, "GET", "/v1/models").json()
+    assert listing["data"] == [{"id": "sft", "root": "sft"}]
+
+
+def test_concurrency_beyond_the_limit_is_a_429_with_retry_after(tokenizer):
+    guard, backend = make(tokenizer)
+
+    async def go():
+        backend.hold = asyncio.Event()
+        async with client(guard) as c:
+            first = [asyncio.create_task(c.post(CHAT, content=chat())) for _ in range(LIMITS.max_concurrency)]
+            while len(backend.seen) < LIMITS.max_concurrency:
+                await asyncio.sleep(0.01)
+            over = await c.post(CHAT, content=chat())
+            probe = await c.get("/readyz")  # probes and listings are not model work: never refused
+            backend.hold.set()
+            done = await asyncio.gather(*first)
+            after = await c.post(CHAT, content=chat())
+        return over, probe, done, after
+
+    over, probe, done, after = asyncio.run(go())
+    assert over.status_code == 429 and over.headers["retry-after"] == "1" and "limit is 2" in message_of(over)
+    assert probe.status_code == 200
+    assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
