@@ -38,7 +38,7 @@ def tiny_sft(tiny_model_dir, tmp_path_factory) -> Path:
 def grader():
     """The tiny model's answers are noise that every task reward scores 0; an LLM judge on localhost that
     grades from the answer's characters gives the varied rewards RL needs to move (and runs the OpenAI
-    judge inside the RL loop)."""
+    judge inside the RL loop). Screening is off: it would score all that noise 0 without asking."""
     with judge_server() as (url, seen):
         yield url, seen
 
@@ -58,7 +58,8 @@ def rl_params(tmp: Path, tiny_model_dir: Path, sft: Path, judge_url: str, **rl) 
         "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "t"},
         "backbone": {"out_dir": str(tiny_model_dir)}, "data": {"out_dir": str(data)},
         "reward": {"judge": {"kind": "openai", "base_url": judge_url, "model": "hash", "api_key_env": KEY_ENV,
-                             "max_retries": 1, "cache_dir": str(tmp / "judge-cache")},
+                             "max_retries": 1, "cache_dir": str(tmp / "judge-cache"),
+                             "screen_answers": False},  # the noise fails the rubric: let the LLM grade it
                    "prompts_per_task": 2, "samples": 3, "max_new_tokens": 16, "threads": 1,
                    "dataset": str(tmp / "reward.jsonl"), "report": str(tmp / "reward.json")},
         "rl": {"max_steps": 3, "prompts_per_step": 2, "num_generations": 4, "max_completion_length": 16,

@@ -195,6 +195,8 @@ class JudgeConfig(_Section):
     """`rubric`: offline, scores the answer's form itself (lingtune.judge). `openai`: an LLM behind any
     OpenAI-compatible endpoint (OpenAI, vLLM, lingtune's own server)."""
     base_url: str = "https://api.openai.com/v1"
+    """Put credentials in the key's environment variable, not here: params.yaml is tracked by git. User
+    info or a query in the URL is redacted wherever lingtune shows it (errors, reports, MLflow params)."""
     model: str = "gpt-3.5-turbo"
     api_key_env: str = "OPENAI_API_KEY"
     """Name of the environment variable that holds the key; the key itself never goes into params,
@@ -202,6 +204,14 @@ class JudgeConfig(_Section):
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(3, ge=0)
     """Retries with exponential backoff and jitter (the openai client's own) on timeouts, 408/409/429/5xx."""
+    max_consecutive_failures: int = Field(3, ge=1)
+    """After this many requests in a row fail (each after its retries) the judge stops: every item still
+    to be asked raises JudgeError at once, without a request. A dead endpoint then costs about this many
+    x (max_retries + 1) x timeout_s, not that much for every item."""
+    screen_answers: bool = True
+    """Score 0 without asking the LLM when an answer fails any of the rubric's four checks, so the policy
+    cannot address the judge (prompt injection; lingtune.judge explains the rule). `false` only for a
+    trusted policy, e.g. tests that grade a tiny model's noise."""
     concurrency: int = Field(4, ge=1)
     max_tokens: int = Field(16, ge=1)
     cache_dir: str = ".cache/judge"

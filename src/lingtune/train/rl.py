@@ -40,7 +40,7 @@ from lingtune import tasks
 from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerprint, publishing, write_json
 from lingtune.formats import read_jsonl
 from lingtune.train.rewards import COMPONENTS, gold_column, make_weight_schedule, reward_functions, weights_at
-from lingtune.train.scoring import consistency_by_task, load_policy, prompt_set, sample_answers
+from lingtune.train.scoring import consistency_by_task, load_policy, prompt_set, reward_params, sample_answers
 
 
 def prompt_dataset(path: Path, max_prompts: int, seed: int):
@@ -158,7 +158,7 @@ def start_tracking(params, run_id: str | None):
     TRL's MLflow callback logs into the active run."""
     from lingtune.tracking import stage_run
 
-    knobs = {"seed": params.seed, "rl": params.rl.model_dump(), "reward": params.reward.model_dump()}
+    knobs = {"seed": params.seed, "rl": params.rl.model_dump(), "reward": reward_params(params.reward)}
     return stage_run(params.tracking, "rl", knobs, run_name=f"rl-{params.rl.algorithm}", run_id=run_id)
 
 

@@ -103,9 +103,16 @@ def _means(rows: list[dict]) -> dict:
     return out
 
 
+def reward_params(cfg) -> dict:
+    """params.reward as MLflow params: the judge's base_url without credentials (lingtune.judge.redact_url)."""
+    from lingtune.judge import public_config
+
+    return {**cfg.model_dump(), "judge": public_config(cfg.judge)}
+
+
 def run_reward(params) -> dict:
     """DVC stage `reward`: the SFT model's sampled answers on validation prompts, scored by the judge."""
-    from lingtune.judge import make_judge
+    from lingtune.judge import describe, make_judge
     from lingtune.tracking import stage_run
 
     cfg = params.reward
@@ -118,14 +125,13 @@ def run_reward(params) -> dict:
     answers = sample_answers(model, tokenizer, records, cfg.samples, cfg.temperature, cfg.max_new_tokens, params.seed)
     sampled = time.time() - started
     rows = score_samples(records, answers, cfg, judge)
-    report = {"judge": {"kind": cfg.judge.kind, **({"model": cfg.judge.model, "base_url": cfg.judge.base_url}
-                                                    if cfg.judge.kind == "openai" else {}), **judge.stats.as_dict()},
+    report = {"judge": {**describe(cfg.judge), **judge.stats.as_dict()},
               "mean": _means(rows), "consistency": consistency_by_task(records, answers),
               "answers": len(rows), "sampling_seconds": round(sampled, 1),
               "wall_seconds": round(time.time() - started, 1)}
     write_jsonl(cfg.dataset, rows)
     write_json(cfg.report, report)
-    with stage_run(params.tracking, "reward", {"reward": cfg.model_dump(), "seed": params.seed}):
+    with stage_run(params.tracking, "reward", {"reward": reward_params(cfg), "seed": params.seed}):
         import mlflow
 
         mlflow.log_metrics(_numbers(report))
