@@ -62,10 +62,13 @@ def test_content_hash_of_files_and_folders(tmp_path):
     (tmp_path / "a" / "x").write_bytes(b"1")
     first = content_hash(tmp_path / "a")
     (tmp_path / "a" / "x").rename(tmp_path / "a" / "y")  # same bytes, another name
-    assert content_hash(tmp_path / "a") != first
+    second = content_hash(tmp_path / "a")
+    assert second != first
     assert content_hash(tmp_path / "a" / "y") == hashlib.sha256(b"1").hexdigest()
     with pytest.raises(FileNotFoundError):
         content_hash(tmp_path / "missing")
+    (tmp_path / "a" / ".complete").write_text("bookkeeping")
+    assert content_hash(tmp_path / "a", exclude={".complete"}) == second != content_hash(tmp_path / "a")
 
 
 def test_checkpoints_resume_only_their_own_fingerprint(tmp_path):

@@ -18,6 +18,42 @@ def test_local_folder_is_copied_and_verified(tiny_model_dir, tmp_path):
     assert not (tmp_path / "bb.partial").exists()
 
 
+def test_weights_that_fail_verification_never_replace_the_backbone(tiny_model_dir, tmp_path, monkeypatch):
+    """A conversion that saves wrong weights (here: noise written over the saved tensors) fails the
+    greedy check in its staging folder; the backbone already in `out_dir` stays, byte for byte."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lingtune import backbone
+    from lingtune.artifacts import content_hash
+
+    cfg = BackboneConfig(name=str(tiny_model_dir), out_dir=str(tmp_path / "bb"), dtype="float32", verify_tokens=5)
+    build_backbone(cfg)
+    before = content_hash(tmp_path / "bb")
+    real_load, loads = backbone.load_hf, []
+
+    def load_with_corrupting_save(name, dtype):
+        model, tokenizer = real_load(name, dtype)
+        loads.append(name)
+        if len(loads) == 1:  # the source; the second load is the verification of the saved folder
+            save = model.save_pretrained
+
+            def corrupting_save(folder, **kwargs):
+                save(folder, **kwargs)
+                weights = f"{folder}/model.safetensors"
+                torch.manual_seed(0)
+                save_file({k: torch.randn_like(v) for k, v in load_file(weights).items()}, weights, {"format": "pt"})
+
+            model.save_pretrained = corrupting_save
+        return model, tokenizer
+
+    monkeypatch.setattr(backbone, "load_hf", load_with_corrupting_save)
+    with pytest.raises(BackboneError, match="the converted model generates"):
+        build_backbone(cfg)
+    assert len(loads) == 2 and content_hash(tmp_path / "bb") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bb"]  # no staging folder left behind
+
+
 def test_unknown_backbone_is_a_clear_error(tmp_path):
     with pytest.raises(BackboneError, match="neither a shipped backbone"):
         build_backbone(BackboneConfig(name=str(tmp_path / "no-such-model"), out_dir=str(tmp_path / "bb")))

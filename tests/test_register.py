@@ -1,8 +1,11 @@
 """The MLflow model registry round trip on a temporary sqlite store: register, aliases, the promotion
-gate (refuses a worse candidate, accepts a better one), and loading `models:/name@alias`."""
+gate (refuses a worse candidate, accepts a better one), loading `models:/name@alias`, a failing store
+(an error, never "no champion"), and the download cache (checked against the registered content)."""
 
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ from lingtune.artifacts import content_hash
 from lingtune.models import resolve as resolve_model
 from lingtune.register import promote, run_register
 from lingtune.errors import ModelError
-from lingtune.registry import RegistryError, client
+from lingtune.registry import CONTENT_TAG, RegistryError, RegistryMissing, alias_version, cached_hash, client
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
@@ -102,6 +105,95 @@ def test_bad_registry_uris(project):
     assert not (root / "mlflow.db").exists()  # a look-up creates no store
     with pytest.raises(ModelError, match="nothing to register"):
         run_register(params, log=lambda m: None)
+
+
+def locked(*args, **kwargs):
+    """What MLflow raises when sqlite stays locked past its busy timeout (`dvc repro` writing mlflow.db)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    raise MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+
+
+def with_store(params, db: Path):
+    return params.model_copy(update={"tracking": params.tracking.model_copy(update={"uri": f"sqlite:///{db}"})})
+
+
+def assert_failure_not_missing(call, match: str) -> None:
+    with pytest.raises(RegistryError, match=match) as raised:
+        call()
+    assert not isinstance(raised.value, RegistryMissing), raised.value
+
+
+def test_a_failing_registry_is_an_error_never_a_missing_model(project, tiny_model_dir, monkeypatch):
+    """Only a store, model, alias or version that does not exist is RegistryMissing (what serving may
+    answer with its fallback); a corrupt file, another schema or a locked database is a RegistryError."""
+    from mlflow import MlflowClient
+
+    root, params = project
+    cache = str(root / "cache")
+    garbage = root / "garbage.db"  # a new path per store: MLflow caches a store per URI in-process
+    garbage.write_bytes(b"this is not an sqlite database\n" * 200)
+    assert_failure_not_missing(lambda: resolve_model("models:/lingtune@champion", f"sqlite:///{garbage}", cache),
+                               "database")
+    assert_failure_not_missing(lambda: promote(with_store(params, garbage)), "database")
+
+    client(f"sqlite:///{root / 'fresh.db'}")  # an up-to-date store, copied and marked with another schema
+    shutil.copy(root / "fresh.db", root / "other-schema.db")
+    with sqlite3.connect(root / "other-schema.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = 'deadbeef0000'")
+    assert_failure_not_missing(lambda: resolve_model("models:/lingtune@champion",
+                                                     f"sqlite:///{root / 'other-schema.db'}", cache), "schema")
+
+    make_adapter(tiny_model_dir, root / "models/sft", seed=1)
+    write_metrics(root / "reports/eval/metrics.json", 0.8, 0.4)
+    run_register(params, log=lambda m: None)
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", locked)
+    assert_failure_not_missing(lambda: resolve_model("models:/lingtune@champion", params.tracking.uri, cache),
+                               "database is locked")
+    assert_failure_not_missing(lambda: alias_version(client(params.tracking.uri), "lingtune", "champion"),
+                               "TEMPORARILY_UNAVAILABLE")
+    make_adapter(tiny_model_dir, root / "models/sft", seed=2)
+    write_metrics(root / "reports/eval/metrics.json", 0.9, 0.5)
+    assert_failure_not_missing(lambda: run_register(params, log=lambda m: None), "database is locked")  # the gate
+    monkeypatch.setattr(MlflowClient, "get_registered_model", locked)
+    assert_failure_not_missing(lambda: run_register(params, log=lambda m: None), "database is locked")
+
+
+def test_registry_cache_serves_the_registered_content(project, tiny_model_dir):
+    """The cache of `models:/lingtune/1` is reused only for the same source, run and content hash: a
+    recreated store whose version 1 is another adapter, or an edited cached folder, is downloaded again;
+    a download that does not hash to the version's tag is refused."""
+    root, params = project
+    uri, cache = params.tracking.uri, str(root / "cache")
+    adapter = make_adapter(tiny_model_dir, root / "models/sft", seed=1)
+    write_metrics(root / "reports/eval/metrics.json", 0.8, 0.4)
+    run_register(params, log=lambda m: None)
+    first = resolve_model("models:/lingtune/1", uri, cache).adapter
+    assert cached_hash(first) == content_hash(adapter)
+
+    (root / "mlflow.db").unlink()  # a new store (at a new path: MLflow caches a store per URI in-process)
+    params = with_store(params, root / "new.db")
+    make_adapter(tiny_model_dir, adapter, seed=2)
+    assert run_register(params, log=lambda m: None)["versions"] == {"sft": "1"}
+    store = client(params.tracking.uri)
+    store.delete_model_version_tag("lingtune", "1", CONTENT_TAG)  # as registered by hand: the record alone decides
+    second = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter
+    assert second == first and cached_hash(second) == content_hash(adapter)  # the new content, same folder
+
+    store.set_model_version_tag("lingtune", "1", CONTENT_TAG, content_hash(adapter))
+    weights = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))  # the cached folder edited in place
+    assert cached_hash(weights.parent) != content_hash(adapter)
+    again = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter
+    assert cached_hash(again) == content_hash(adapter)
+
+    store.set_model_version_tag("lingtune", "1", CONTENT_TAG, "0" * 64)
+    with pytest.raises(RegistryError, match="not what was registered") as raised:
+        resolve_model("models:/lingtune/1", params.tracking.uri, str(root / "other-cache"))
+    assert not isinstance(raised.value, RegistryMissing)
+    assert not (root / "other-cache/lingtune/1").exists()
+    assert not list((root / "other-cache/lingtune").iterdir())  # no staging folder left behind
 
 
 def test_promote_cli_gate_and_force(project, tiny_model_dir):

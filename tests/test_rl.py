@@ -16,6 +16,7 @@ import yaml
 from judge_server import judge_server
 
 from conftest import ROOT
+from lingtune.train.rl import COMPLETE
 
 SENTIMENT_ROWS = 24
 KEY_ENV = "LINGTUNE_TEST_JUDGE_KEY"
@@ -110,6 +111,10 @@ def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, g
 
     metrics = run_rl(params)
     assert metrics["steps"] == 3 and metrics["logged_steps"] == 3 and metrics["resumed_from"] is None
+    ckpt = Path(params.rl.checkpoint_dir)
+    assert sorted(p.name for p in ckpt.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert all((c / COMPLETE).is_file() and not (c / "ref").exists() for c in ckpt.glob("checkpoint-*"))
+    trained = adapter_tensors(Path(params.rl.out_dir))
     assert metrics["consistency"]["before"] == report["consistency"]
     assert set(metrics["consistency"]["change"]["all"]) == {"agreement", "valid_rate"}
 
@@ -130,6 +135,60 @@ def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, g
     # weights moved from start towards end (0.3 -> 0.4 for ner) over the run
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "reward_weight/ner")
     assert history[0].value == pytest.approx(0.3) and history[-1].value > history[0].value
+
+    # killed while saving the last checkpoint, before "ref" was removed: the rerun resumes from the one before
+    (ckpt / "checkpoint-3" / COMPLETE).unlink()
+    (ckpt / "checkpoint-3" / "ref").mkdir()
+    resumed = run_rl(params)
+    assert resumed["resumed_from"] == str(ckpt / "checkpoint-2") and resumed["steps"] == 3
+    assert (ckpt / "checkpoint-3" / COMPLETE).is_file() and not (ckpt / "checkpoint-3" / "ref").exists()
+    again = adapter_tensors(Path(params.rl.out_dir))
+    assert all((again[k] == trained[k]).all() for k in trained)  # step 3 redone gives the same adapter
+
+
+def checkpoint(folder: Path, step: int, complete: bool) -> Path:
+    out = folder / f"checkpoint-{step}"
+    out.mkdir(parents=True)
+    (out / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    if complete:
+        (out / COMPLETE).write_text(f"{step}\n")
+    return out
+
+
+def test_resume_picks_the_last_complete_checkpoint(tmp_path, capsys):
+    """Unmarked checkpoints (a kill mid-save: truncated files; or before "ref" was removed) are deleted
+    with a message; the highest marked one (by step, not by name) is resumed."""
+    from lingtune.train.rl import last_checkpoint
+
+    checkpoint(tmp_path, 3, complete=True)
+    checkpoint(tmp_path, 10, complete=True)
+    truncated = checkpoint(tmp_path, 12, complete=False)
+    (truncated / "optimizer.pt").write_bytes(b"\x80\x02")
+    with_ref = checkpoint(tmp_path, 15, complete=False)
+    (with_ref / "ref").mkdir()
+    (with_ref / "ref" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (tmp_path / "lingtune_run.json").write_text("{}")
+
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    printed = capsys.readouterr().err
+    assert f"{truncated}: incomplete checkpoint" in printed and f"{with_ref}: incomplete checkpoint" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-3", "lingtune_run.json"]
+
+    only_incomplete = tmp_path / "other"
+    checkpoint(only_incomplete, 4, complete=False)
+    assert last_checkpoint(only_incomplete) is None and not list(only_incomplete.iterdir())
+
+
+def test_a_saved_checkpoint_is_marked_complete_once_ref_is_gone(tmp_path):
+    from types import SimpleNamespace
+
+    from lingtune.train.rl import make_drop_ref_callback
+
+    saved = checkpoint(tmp_path, 5, complete=False)
+    (saved / "ref").mkdir()
+    make_drop_ref_callback().on_save(SimpleNamespace(output_dir=str(tmp_path), should_save=True),
+                                     SimpleNamespace(global_step=5), None)
+    assert not (saved / "ref").exists() and (saved / COMPLETE).is_file()
 
 
 def test_grpo_option(tmp_path, tiny_model_dir, tiny_sft, grader, judge_key):

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 PACKAGE = Path(__file__).resolve().parent
 _ASIDE = ".{name}.old"
@@ -100,8 +100,9 @@ def _update_with_file(digest, path: Path) -> None:
             digest.update(block)
 
 
-def content_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes; of a folder: every file's relative name and bytes, in name order."""
+def content_hash(path: str | Path, exclude: Collection[str] = ()) -> str:
+    """sha256 of a file's bytes; of a folder: every file's relative name and bytes, in name order
+    (leaving out the relative names in `exclude`: a folder's own bookkeeping files)."""
     path = Path(path)
     digest = hashlib.sha256()
     if path.is_file():
@@ -110,8 +111,10 @@ def content_hash(path: str | Path) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: nothing to hash")
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        _update_with_file(digest, file)
+        name = file.relative_to(path).as_posix()
+        if name not in exclude:
+            digest.update(name.encode() + b"\0")
+            _update_with_file(digest, file)
     return digest.hexdigest()
 
 

@@ -282,9 +282,10 @@ class ServeConfig(_Section):
 
     model: str = "models:/lingtune@champion"
     """A model folder, a LoRA adapter folder (served on its base), or `models:/name@alias`."""
-    fallback_model: str | None = "models/backbone"
-    """Served, with a warning, while `model` is a models:/ URI the registry cannot resolve yet (no
-    store, no such alias: a fresh clone before `dvc repro register`); null: refuse to start instead."""
+    fallback_model: str | None = None
+    """Served, with a warning, only while `model` is a models:/ URI the registry truly lacks (no store,
+    model, alias or version: a fresh clone before `dvc repro register`); null: refuse to start instead.
+    A registry that fails (locked, corrupt, another schema) never falls back."""
     served_model_name: str = "lingtune"
     """The `model` name of the base model in requests (an adapter given as `model` takes this name)."""
     adapters: dict[str, str] = {"sft": "models/sft", "rl": "models/rl"}

@@ -30,7 +30,13 @@ class ModelError(LingtuneError, ValueError):
 
 
 class RegistryError(ModelError):
-    """A `models:/` URI that is malformed or names nothing in the registry."""
+    """A `models:/` URI that is malformed, or a registry that cannot answer (a locked or broken store,
+    a schema to migrate, a server error). Never a reason to serve something else."""
+
+
+class RegistryMissing(RegistryError):
+    """The registry store, or the registered model, alias or version a URI names, does not exist: the
+    one registry error that may be answered with `serve.fallback_model`."""
 
 
 class StageError(LingtuneError, RuntimeError):

@@ -72,7 +72,9 @@ def folder_ref(folder: str | Path) -> ModelRef | None:
 
 def resolve(spec: str, tracking_uri: str = "sqlite:///mlflow.db", cache_dir: str = ".cache/registry") -> ModelRef:
     """A folder (model or LoRA adapter), or a registered version: `models:/name@alias`, `models:/name/3`
-    (downloaded once to `cache_dir`; an adapter runs on the base its version's tags name)."""
+    (downloaded to `cache_dir`, checked against its registered content hash; an adapter runs on the base
+    its version's tags name). A registered version that does not exist raises RegistryMissing; a registry
+    that fails, a plain RegistryError."""
     from lingtune.registry import PREFIX, fetch
 
     if spec.startswith(PREFIX):

@@ -7,6 +7,10 @@ when its evaluation beats the champion's by `register.margin`.
   shared base, so it is stored whole (once: an unchanged folder is not registered again).
 * Aliases, not stages (deprecated in MLflow 3). `lingtune promote` moves `champion` by hand; so
   does the MLflow UI (Models -> lingtune -> Version N -> Aliases -> add `champion`).
+* Every version carries `lingtune.content_sha256`, the content hash of its folder: an unchanged folder
+  is found by it, and every `models:/` download is checked against it (lingtune.registry).
+* A registry that fails (locked, corrupt, another schema) stops the stage with a RegistryError; only a
+  registered model or alias that does not exist yet counts as absent (no champion yet).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import yaml
 
 from lingtune.artifacts import content_hash, write_json
 from lingtune.config import RegisterConfig
-from lingtune.errors import ModelError, RegistryError, StageError
+from lingtune.errors import ModelError, RegistryMissing, StageError
 from lingtune.models import is_adapter, is_model, recorded_base
-from lingtune.registry import alias_version, client, get_version, set_alias, store_exists
+from lingtune.registry import CONTENT_TAG, alias_version, client, ensure_model, get_version, set_alias, store_exists
 
 
 @dataclass
@@ -67,7 +71,7 @@ def lineage_tags(params, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
 def variant_tags(variant: str, folder: Path, params, metrics: dict, keys: list[str]) -> dict[str, str]:
     lora = is_adapter(folder)
     tags = {"lingtune.variant": variant, "lingtune.kind": "lora" if lora else "model",
-            "lingtune.content_sha256": content_hash(folder), "dvc.md5": dvc_hashes(Path("dvc.lock")).get(str(folder), "")}
+            CONTENT_TAG: content_hash(folder), "dvc.md5": dvc_hashes(Path("dvc.lock")).get(str(folder), "")}
     if lora:
         tags["lingtune.base_model"] = recorded_base(folder) or params.backbone.out_dir
     tags.update({f"eval.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -150,7 +154,7 @@ def register_folder(mlflow_client, run, name: str, variant: str, folder: Path, t
     import mlflow
 
     existing = [v for v in mlflow_client.search_model_versions(f"name='{name}'")
-                if v.tags.get("lingtune.content_sha256") == tags["lingtune.content_sha256"]
+                if v.tags.get(CONTENT_TAG) == tags[CONTENT_TAG]
                 and v.tags.get("lingtune.variant") == variant]
     if existing:
         version = max(existing, key=lambda v: int(v.version)).version
@@ -166,8 +170,6 @@ def register_folder(mlflow_client, run, name: str, variant: str, folder: Path, t
 
 def run_register(params, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """DVC stage `register`: register the variants that exist, set `candidate`, run the gate."""
-    from mlflow.exceptions import MlflowException
-
     from lingtune.tracking import stage_run
 
     cfg = params.register_
@@ -177,10 +179,7 @@ def run_register(params, log=lambda m: print(m, file=sys.stderr, flush=True)) ->
     if not folders:
         raise ModelError(f"nothing to register: none of {sorted(cfg.variants.values())} holds a model or adapter")
     mlflow_client, lineage = client(params.tracking.uri), lineage_tags(params)
-    try:
-        mlflow_client.get_registered_model(cfg.model_name)
-    except MlflowException:
-        mlflow_client.create_registered_model(cfg.model_name, description="lingtune: Chinese sentiment + NER")
+    ensure_model(mlflow_client, cfg.model_name, description="lingtune: Chinese sentiment + NER")
     versions, scores = {}, {}
     with stage_run(params.tracking, "register", {"register": cfg.model_dump()}, lineage) as run:
         for variant, folder in folders.items():
@@ -210,12 +209,13 @@ def promote(params, version: str | None = None, force: bool = False) -> GateDeci
     """`lingtune promote`: the gate on a version (default: the candidate); `force` skips the gate."""
     cfg = params.register_
     if not store_exists(params.tracking.uri):
-        raise RegistryError(f"no MLflow model registry at {params.tracking.uri} (run `lingtune register` first)")
+        raise RegistryMissing(f"no MLflow model registry at {params.tracking.uri} (run `lingtune register` first)")
     mlflow_client = client(params.tracking.uri)
     if version is None:
         found = alias_version(mlflow_client, cfg.model_name, cfg.candidate_alias)
         if found is None:
-            raise RegistryError(f"{cfg.model_name} has no @{cfg.candidate_alias}; run `lingtune register` or pass --version")
+            raise RegistryMissing(f"{cfg.model_name} has no @{cfg.candidate_alias}; "
+                                  "run `lingtune register` or pass --version")
         version = str(found.version)
     if not force:
         return gate(mlflow_client, cfg, version)

@@ -5,7 +5,17 @@ no base to share (the INT4 model). Its tags say what it needs to run:
 
 * `lingtune.kind`: `lora` (load `lingtune.base_model` and apply the adapter) or `model`;
 * `lingtune.base_model`: the base model folder the adapter was trained on;
+* `lingtune.content_sha256`: the content hash of the registered folder (`lingtune.artifacts.content_hash`);
 * `lingtune.variant`, lineage (`git_commit`, `data.train_md5`, `params_sha256`) and `eval.*` scores.
+
+Errors: a RegistryMissing (a RegistryError) only when the store, the registered model, the alias or
+the version does not exist; whatever else MLflow or its database raises (a locked or corrupt sqlite
+file, a schema to migrate, a server error) is a plain RegistryError that says so. Only the former
+means "no champion yet".
+
+The download cache (`cache_dir/<name>/<version>`) is reused only when its record names the same
+source and run as the version, and its files still hash to the version's `lingtune.content_sha256`: a
+recreated store numbers its versions from 1 again, and a cached folder can be edited.
 
 Shared by `lingtune register`, `lingtune eval --model models:/name@alias` and serving; it
 imports no stage.
@@ -13,17 +23,26 @@ imports no stage.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from lingtune.artifacts import publishing, write_text
-from lingtune.errors import RegistryError
+from lingtune.artifacts import content_hash, publishing, write_json
+from lingtune.errors import RegistryError, RegistryMissing
 
 PREFIX = "models:/"
+CONTENT_TAG = "lingtune.content_sha256"
+COMPLETE = ".complete"
+"""The cache record of a finished download: source, run and content hash of the version."""
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
-__all__ = ["PREFIX", "Fetched", "RegistryError", "alias_version", "client", "fetch", "get_version", "parse"]
+__all__ = ["PREFIX", "Fetched", "RegistryError", "RegistryMissing", "alias_version", "client", "ensure_model",
+           "fetch", "get_version", "parse"]
+log = logging.getLogger(__name__)
+_NOT_MISSING = "; not a missing model: retry once the store is no longer locked, or repair or migrate it"
 
 
 @dataclass
@@ -39,11 +58,37 @@ class Fetched:
     tags: dict
 
 
+@contextmanager
+def registry_errors(what: str, missing: str = "") -> Iterator[None]:
+    """MLflow's and its database's errors as RegistryError; RegistryMissing (saying `missing`) only for
+    MLflow's RESOURCE_DOES_NOT_EXIST (no such registered model or version), nothing else."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            detail = f"{missing} ({_first_line(exc.message)})" if missing else _first_line(exc.message)
+            raise RegistryMissing(f"{what}: {detail}") from None
+        raise RegistryError(f"{what}: the MLflow registry failed ({exc.error_code}: {_first_line(exc.message)})"
+                            + _NOT_MISSING) from exc
+    except SQLAlchemyError as exc:  # raised before MLflow wraps it: opening a file that is not a database
+        raise RegistryError(f"{what}: the MLflow registry's database failed ({_first_line(str(exc))})"
+                            + _NOT_MISSING) from exc
+
+
+def _first_line(message: str) -> str:
+    return str(message).splitlines()[0][:200] if message else ""
+
+
 def client(tracking_uri: str):
     from mlflow import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with registry_errors(f"MLflow registry at {tracking_uri}"):  # opening checks the schema
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def store_exists(tracking_uri: str) -> bool:
@@ -61,48 +106,102 @@ def parse(spec: str) -> tuple[str, str | None, str | None]:
 
 
 def get_version(mlflow_client, name: str, alias: str | None = None, version: str | None = None):
+    """The model version an alias or number names; RegistryMissing when there is none."""
+    spec = f"models:/{name}{'@' + alias if alias else '/' + str(version)}"
+    missing = f"no {f'@{alias}' if alias else f'version {version}'} of '{name}' in the MLflow model registry"
+    with registry_errors(spec, missing):
+        found = _by_alias(mlflow_client, name, alias) if alias else mlflow_client.get_model_version(name, version)
+    if found is None:
+        raise RegistryMissing(f"{spec}: {missing}")
+    return found
+
+
+def _by_alias(mlflow_client, name: str, alias: str):
+    """None when the registered model has no such alias. MLflow answers a missing alias with
+    INVALID_PARAMETER_VALUE, as it does other bad requests: the model's own alias table tells them apart."""
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, ErrorCode
 
     try:
-        if alias:
-            return mlflow_client.get_model_version_by_alias(name, alias)
-        return mlflow_client.get_model_version(name, version)
+        return mlflow_client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        what = f"@{alias}" if alias else f"version {version}"
-        raise RegistryError(f"models:/{name}{'@' + alias if alias else '/' + str(version)}: no {what} of "
-                            f"'{name}' in the MLflow model registry ({exc.message.splitlines()[0][:160]})") from None
+        if exc.error_code != ErrorCode.Name(INVALID_PARAMETER_VALUE):
+            raise
+        if alias not in mlflow_client.get_registered_model(name).aliases:
+            return None
+        raise
+
+
+def alias_version(mlflow_client, name: str, alias: str):
+    """The version behind an alias; None only when the model or the alias does not exist."""
+    try:
+        return get_version(mlflow_client, name, alias=alias)
+    except RegistryMissing:
+        return None
+
+
+def set_alias(mlflow_client, name: str, alias: str, version: str) -> None:
+    with registry_errors(f"models:/{name}@{alias} -> v{version}"):
+        mlflow_client.set_registered_model_alias(name, alias, str(version))
+
+
+def ensure_model(mlflow_client, name: str, description: str) -> None:
+    """Create the registered model unless it exists (any other failure is raised)."""
+    try:
+        with registry_errors(f"registered model {name}"):
+            mlflow_client.get_registered_model(name)
+    except RegistryMissing:
+        with registry_errors(f"registered model {name}"):
+            mlflow_client.create_registered_model(name, description=description)
 
 
 def fetch(spec: str, tracking_uri: str, cache_dir: str | Path) -> Fetched:
     """Resolve a `models:/` URI and download that version's files to `cache_dir/<name>/<version>`
-    (once: a version's files never change)."""
-    import mlflow
-
+    (once per version content: see the module docstring)."""
     name, alias, version = parse(spec)
     if not store_exists(tracking_uri):
-        raise RegistryError(f"{spec}: no MLflow model registry at {tracking_uri} (run `lingtune register` first)")
+        raise RegistryMissing(f"{spec}: no MLflow model registry at {tracking_uri} (run `lingtune register` first)")
     found = get_version(client(tracking_uri), name, alias, version)
-    target = Path(cache_dir) / name / str(found.version)
-    if not (target / ".complete").is_file():
-        with publishing(target) as partial:
-            # models:/name/N puts the version's files straight into dst_path, wherever its source lives
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{PREFIX}{name}/{found.version}",
-                                                dst_path=str(partial), tracking_uri=tracking_uri)
-            write_text(partial / ".complete", found.source + "\n")
     tags = dict(found.tags)
+    target = Path(cache_dir) / name / str(found.version)
+    record = {"source": found.source, "run_id": found.run_id, "content_sha256": tags.get(CONTENT_TAG)}
+    if not _cached(target, record):
+        _download(f"{spec} (v{found.version})", f"{PREFIX}{name}/{found.version}", target, record, tracking_uri)
     return Fetched(target, name, str(found.version), tags.get("lingtune.kind", "model"),
                    tags.get("lingtune.base_model"), tags)
 
 
-def set_alias(mlflow_client, name: str, alias: str, version: str) -> None:
-    mlflow_client.set_registered_model_alias(name, alias, str(version))
-
-
-def alias_version(mlflow_client, name: str, alias: str):
-    """The version behind an alias, or None."""
-    from mlflow.exceptions import MlflowException
-
+def _cached(target: Path, record: dict) -> bool:
+    """The folder holds this version's files: same record, and (when the version has one) the same content hash."""
     try:
-        return mlflow_client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        saved = json.loads((target / COMPLETE).read_text())
+    except (OSError, ValueError):  # no finished download, or the plain-text record of an older lingtune
+        return False
+    if saved != record:
+        log.info("%s: cached for another registry version (a recreated store?); downloading again", target)
+        return False
+    if record["content_sha256"] and cached_hash(target) != record["content_sha256"]:
+        log.warning("%s: its files no longer hash to the version's %s; downloading again", target, CONTENT_TAG)
+        return False
+    return True
+
+
+def cached_hash(folder: Path) -> str:
+    """The content hash of a downloaded version, as `lingtune register` computed it (without the record)."""
+    return content_hash(folder, exclude={COMPLETE})
+
+
+def _download(what: str, uri: str, target: Path, record: dict, tracking_uri: str) -> None:
+    """Into a fresh staging folder (publishing), checked against the version's content hash, then swapped in."""
+    import mlflow
+
+    with publishing(target) as partial:
+        with registry_errors(what):
+            # models:/name/N puts the version's files straight into dst_path, wherever its source lives
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(partial), tracking_uri=tracking_uri)
+        expected = record["content_sha256"]
+        if expected and (got := content_hash(partial)) != expected:
+            raise RegistryError(f"{what}: the downloaded files hash to {got[:12]}..., but the version was registered "
+                                f"with {CONTENT_TAG} {expected[:12]}...: its stored artifacts are not what was "
+                                "registered; nothing cached (register it again)")
+        write_json(partial / COMPLETE, record)

@@ -30,16 +30,22 @@ class ServePlan:
     fallback: str = ""
     """Why `serve.fallback_model` is served instead of `serve.model` (empty when it is not)."""
 
+    @property
+    def serves_fallback(self) -> bool:
+        return bool(self.fallback)
+
 
 def resolve_served_model(params: Params):
-    """`serve.model`, or `serve.fallback_model` (and why) while the registry cannot resolve a models:/ URI."""
-    from lingtune.registry import RegistryError
+    """`serve.model`, or `serve.fallback_model` (and why) when it is set and the registry truly lacks
+    what a models:/ URI names (no store, model, alias or version). A registry that cannot answer (locked,
+    corrupt, another schema) raises: serving the untrained backbone then would hide the failure."""
+    from lingtune.registry import RegistryMissing
 
     cfg = params.serve
     where = {"tracking_uri": params.tracking.uri, "cache_dir": params.register_.cache_dir}
     try:
         return resolve(cfg.model, **where), ""
-    except RegistryError as exc:
+    except RegistryMissing as exc:
         if not cfg.fallback_model:
             raise
         return resolve(cfg.fallback_model, **where), f"{exc}; serving serve.fallback_model {cfg.fallback_model} instead"

@@ -16,8 +16,10 @@ Features and their cost:
   tokenizer's template to conversational prompts, without adding a second BOS).
 * CPU: float32, no autocast (`bf16=False`; TRL would default to bf16), no gradient checkpointing.
 * Fault tolerance: checkpoints every `rl.save_steps` in `rl.checkpoint_dir`; the same command resumes
-  from the last one (`trainer.train(resume_from_checkpoint=...)`) and continues the same MLflow run.
-  Checkpoints of another configuration are dropped, not resumed.
+  from the last complete one (`trainer.train(resume_from_checkpoint=...)`) and continues the same MLflow
+  run. A checkpoint is complete once its `lingtune_complete` marker exists (written after "ref" is
+  removed); one without it (killed mid-save) is deleted at start-up. Checkpoints of another configuration
+  are dropped, not resumed.
 * Monitoring: TRL's logs go to MLflow (`report_to="mlflow"` inside lingtune's run): reward per component,
   reward weights, KL, clip ratios, completion lengths, step time.
 * Consistency: agreement of k sampled answers per validation prompt and the valid-JSON rate, after RL,
@@ -29,6 +31,7 @@ Errors: ValueError when the SFT adapter is missing; JudgeError when an OpenAI ju
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -37,7 +40,7 @@ from pathlib import Path
 import torch
 
 from lingtune import tasks
-from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerprint, publishing, write_json
+from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerprint, publishing, write_json, write_text
 from lingtune.formats import read_jsonl
 from lingtune.train.rewards import COMPONENTS, gold_column, make_weight_schedule, reward_functions, weights_at
 from lingtune.train.scoring import consistency_by_task, load_policy, prompt_set, reward_params, sample_answers
@@ -69,6 +72,7 @@ def trainer_args(params, output_dir: str):
         epsilon=cfg.epsilon, reward_weights=weights_at(reward.weights_start, reward.weights_end, 0.0),
         use_cpu=not torch.cuda.is_available(), bf16=cfg.precision == "bf16", gradient_checkpointing=False,
         disable_dropout=True,
+        # two kept: the trainer rotates before the newest is marked complete, the previous one must survive
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=cfg.logging_steps,
         report_to=["mlflow"], run_name="rl", seed=params.seed, data_seed=params.seed,
         remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
@@ -79,16 +83,25 @@ def trainer_args(params, output_dir: str):
     return RLOOConfig(**common, reward_clip_range=tuple(reward.clip))
 
 
+COMPLETE = "lingtune_complete"
+"""Marker file of a checkpoint folder that is whole: written after the trainer's save and the "ref" removal."""
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # transformers' PREFIX_CHECKPOINT_DIR-<global step>
+
+
 def make_drop_ref_callback():
     """Checkpoints keep the trained adapter only. PEFT saves every adapter, the frozen "ref" copy in a
     sub-folder, and transformers' resume then loads sub-folder adapters only: the trained "default" one
     at the top would be silently skipped and training would resume from the SFT weights. "ref" is
-    rebuilt from the SFT adapter at start-up anyway."""
+    rebuilt from the SFT adapter at start-up anyway. Then the checkpoint is marked complete: a kill
+    before that point leaves a folder the resume must not use."""
     from transformers import TrainerCallback
 
     class DropRefAdapter(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            shutil.rmtree(Path(args.output_dir) / f"checkpoint-{state.global_step}" / "ref", ignore_errors=True)
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            shutil.rmtree(folder / "ref", ignore_errors=True)
+            if args.should_save and folder.is_dir():
+                write_text(folder / COMPLETE, f"{state.global_step}\n")
 
     return DropRefAdapter()
 
@@ -113,9 +126,18 @@ def checkpoint_fingerprint(params, data_sha: str, sft_sha: str) -> str:
 
 
 def last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder))
+    """The highest complete `checkpoint-N`. Incomplete ones are deleted, not only skipped: the trainer
+    would save that step again into the leftover files, and count the folder among the
+    `save_total_limit` checkpoints it keeps."""
+    steps = {int(match[1]): path for path in Path(folder).iterdir()
+             if path.is_dir() and (match := _CHECKPOINT.fullmatch(path.name))}
+    complete = [step for step, path in steps.items() if (path / COMPLETE).is_file()]
+    for step, path in sorted(steps.items()):
+        if step not in complete:
+            print(f"{path}: incomplete checkpoint (no {COMPLETE}: the run stopped while saving it); deleted",
+                  file=sys.stderr, flush=True)
+            shutil.rmtree(path)
+    return str(steps[max(complete)]) if complete else None
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> None:
