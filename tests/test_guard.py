@@ -172,7 +172,16 @@ def test_deep_nesting_is_a_400(tokenizer, body):
                                           ("GET", "/metrics"), ("POST", "/v1/sentiment")])
 def test_every_route_caps_its_body(tokenizer, method, path):
     guard, backend = make(tokenizer)
-    response = call(guard, method, path, b'{"prompt": "' + b"x" * 5000 + b'"}')
+
+    async def chunks():  # chunked: no content-length to refuse it by
+        for _ in range(5):
+            yield b"x" * 1000
+
+    async def go():
+        async with client(guard) as c:
+            return await c.request(method, path, content=chunks())
+
+    response = asyncio.run(go())
     assert response.status_code == 413 and backend.seen == []
 
 
@@ -208,7 +217,7 @@ def test_a_body_that_never_finishes_times_out(tokenizer):
 
     scope = {"type": "http", "method": "POST", "path": CHAT, "client": ("127.0.0.1", 1),
              "headers": [(b"authorization", f"Bearer {KEY}".encode())]}
-    asyncio.run(guard(scope, receive, send))
+    asyncio.run(asyncio.wait_for(guard(scope, receive, send), 10))
     assert sent[0]["status"] == 408 and backend.seen == []
 
 
@@ -255,7 +264,7 @@ def test_concurrency_beyond_the_limit_is_a_429_with_retry_after(tokenizer):
             first = [asyncio.create_task(c.post(CHAT, content=chat())) for _ in range(LIMITS.max_concurrency)]
             while len(backend.seen) < LIMITS.max_concurrency:
                 await asyncio.sleep(0.01)
-            over = await c.post(CHAT, content=chat())
+            over = await asyncio.wait_for(c.post(CHAT, content=chat()), 10)
             probe = await c.get("/readyz")  # probes and listings are not model work: never refused
             backend.hold.set()
             done = await asyncio.gather(*first)
@@ -266,3 +275,69 @@ def test_concurrency_beyond_the_limit_is_a_429_with_retry_after(tokenizer):
     assert over.status_code == 429 and over.headers["retry-after"] == "1" and "limit is 2" in message_of(over)
     assert probe.status_code == 200
     assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+
+
+# -- the task routes' own defences ---------------------------------------------------------------------
+def test_a_task_text_whose_answer_cannot_fit_is_a_400(tokenizer):
+    from fastapi import HTTPException
+
+    from lingtune.decoding import TaskDecoder
+    from lingtune.serve.tasks import fitting_prompts
+
+    decode = TaskDecoder(tokenizer, max_tokens_ner=64)
+    template = len(decode.prompt("ner", "京")["prompt_token_ids"]) - 1
+    fits = "京" * (256 - template - 64)
+    assert len(fitting_prompts(decode, "ner", [fits], max_model_len=256)[0]["prompt_token_ids"]) == 256 - 64
+    with pytest.raises(HTTPException, match="text 1 is too long") as raised:
+        fitting_prompts(decode, "ner", [fits, fits + "京"], max_model_len=256)
+    assert raised.value.status_code == 400
+
+
+class _Request:
+    """What run_task needs of a starlette Request: a client that hangs up after `after_s`."""
+
+    url = type("Url", (), {"path": "/v1/ner"})()
+
+    def __init__(self, after_s: float):
+        self.gone_at = asyncio.get_running_loop().time() + after_s
+
+    async def is_disconnected(self) -> bool:
+        return asyncio.get_running_loop().time() >= self.gone_at
+
+
+def test_generations_are_cancelled_when_the_client_goes_away():
+    from fastapi import HTTPException
+
+    from lingtune.serve.tasks import unless_disconnected
+
+    cancelled = []
+
+    async def generation(i):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(i)
+            raise
+
+    async def go():
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(HTTPException) as raised:
+            await unless_disconnected(_Request(after_s=0.2), [generation(i) for i in range(3)])
+        await asyncio.sleep(0)  # let the cancellations land
+        return raised.value.status_code, asyncio.get_running_loop().time() - started
+
+    status, waited = asyncio.run(go())
+    assert status == 499 and sorted(cancelled) == [0, 1, 2] and waited < 5
+
+
+def test_answers_come_back_while_the_client_stays():
+    from lingtune.serve.tasks import unless_disconnected
+
+    async def answer(i):
+        await asyncio.sleep(0.05)
+        return i
+
+    async def go():
+        return await unless_disconnected(_Request(after_s=60), [answer(i) for i in range(3)])
+
+    assert asyncio.run(go()) == [0, 1, 2]

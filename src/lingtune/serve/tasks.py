@@ -107,14 +107,19 @@ async def unless_disconnected(request: Request, work: list):
     try:
         await asyncio.wait({jobs, watch}, return_when=asyncio.FIRST_COMPLETED)
         if not jobs.done():
-            jobs.cancel()
             log.info("%s: client went away, %d generation(s) cancelled", request.url.path, len(work))
             raise HTTPException(499, "client closed the request")
         return jobs.result()
     finally:
         watch.cancel()
-        if not jobs.done():
-            jobs.cancel()
+        jobs.cancel()
+        jobs.add_done_callback(_quietly)
+
+
+def _quietly(future: asyncio.Future) -> None:
+    """A cancelled gather ends with CancelledError; read it so asyncio does not log it as unhandled."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def run_task(task: str, body: TaskRequest, request: Request):
