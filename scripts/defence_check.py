@@ -1,6 +1,7 @@
 """Remove each defence of the service in turn, run the tests that name it, expect them to fail; restore.
 
-Usage: python3 scripts/defence_check.py   (from the project root, with .venv installed; ~3 min)
+Usage: python3 scripts/defence_check.py [NAME ...]   (from the project root, with .venv installed; ~3 min;
+       names pick some defences only)
 Prints one line per defence: `OK (failed)` when its tests caught the removal, `MISSED` when they did not.
 Exit status 1 when any was missed. Each entry is (name, file, the code of the defence, what replaces it,
 pytest -k expression)."""
@@ -10,6 +11,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 G, L, T, R = "src/lingtune/serve/guard.py", "src/lingtune/serve/limits.py", "src/lingtune/serve/tasks.py", "src/lingtune/serve/runtime.py"
+S, A = "src/lingtune/serve/service.py", "src/lingtune/serve/app.py"
 M = [
  ("route allowlist", G, 'route = ROUTES.get(scope["path"])', 'route = ROUTES.get(scope["path"], Route(frozenset({"GET", "POST"}), model_work=False))', "undocumented"),
  ("405", G, 'if scope["method"] not in route.methods and', 'if False and', "wrong_method"),
@@ -17,6 +19,8 @@ M = [
  ("key", G, 'if self.key_hash and not route.open', 'if False and self.key_hash and not route.open', "key_protects"),
  ("loopback only", G, 'if self.loopback_only and', 'if False and', "only_local"),
  ("bind host", R, 'return cfg.host if api_key or cfg.allow_anonymous else LOCAL_HOST', 'return cfg.host', "binds_loopback"),
+ ("service host", S, 'http={"host": bind_host(CFG, API_KEY)', 'http={"host": CFG.host', "safe_host"),
+ ("fallback not ready", A, 'and not self.engine.errored and not self.fallback', 'and not self.engine.errored', "fallback_model_is"),
  ("strict ints", L, '    if type(value) is not int:  #', '    if False:  #', "json_integers"),
  ("int ranges", L, 'if not 1 <= value <= bound:', 'if False:', "json_integers"),
  ("depth", L, '        if depth > max_depth:', '        if False:', "deep_nesting"),
@@ -35,6 +39,8 @@ M = [
 ]
 missed = []
 for name, f, old, new, k in M:
+    if sys.argv[1:] and name not in sys.argv[1:]:
+        continue
     p = ROOT / f; src = p.read_text()
     assert src.count(old) == 1, (name, src.count(old))
     p.write_text(src.replace(old, new))

@@ -341,3 +341,30 @@ def test_answers_come_back_while_the_client_stays():
         return await unless_disconnected(_Request(after_s=60), [answer(i) for i in range(3)])
 
     assert asyncio.run(go()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("key, anonymous, host", [(None, False, "127.0.0.1"), ("k", False, "0.0.0.0"),
+                                                  (None, True, "0.0.0.0")])
+def test_the_bento_service_is_declared_with_the_safe_host(tmp_path, key, anonymous, host):
+    """What `bentoml serve` binds: the service's own http config, as imported from params.yaml."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(f"serve:\n  host: 0.0.0.0\n  allow_anonymous: {str(anonymous).lower()}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LINGTUNE_API_KEY", "LD_PRELOAD")}
+    env.update({"LINGTUNE_PARAMS": str(tmp_path / "params.yaml"), **({"LINGTUNE_API_KEY": key} if key else {})})
+    done = subprocess.run([sys.executable, "-c", "import lingtune.serve.service as s; print(s.LingTune.config['http']['host'])"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == host
+
+
+def test_a_fallback_model_is_never_ready():
+    from lingtune.serve.app import Gateway
+
+    gateway = Gateway()
+    gateway.app, gateway.engine = object(), type("Engine", (), {"errored": False})()
+    assert gateway.ready()
+    gateway.fallback = True
+    assert not gateway.ready()
