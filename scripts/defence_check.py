@@ -21,6 +21,7 @@ M = [
  ("bind host", R, 'return cfg.host if api_key or cfg.allow_anonymous else LOCAL_HOST', 'return cfg.host', "binds_loopback"),
  ("service host", S, 'http={"host": bind_host(CFG, API_KEY)', 'http={"host": CFG.host', "safe_host"),
  ("fallback not ready", A, 'and not self.engine.errored and not self.fallback', 'and not self.engine.errored', "fallback_model_is"),
+ ("cli host", "src/lingtune/cli.py", '"--host", bind_host(cfg, os.environ.get(cfg.api_key_env) or None)]', '"--host", cfg.host]', "lingtune_serve_binds"),
  ("strict ints", L, '    if type(value) is not int:  #', '    if False:  #', "json_integers"),
  ("int ranges", L, 'if not 1 <= value <= bound:', 'if False:', "json_integers"),
  ("depth", L, '        if depth > max_depth:', '        if False:', "deep_nesting"),

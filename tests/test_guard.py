@@ -368,3 +368,23 @@ def test_a_fallback_model_is_never_ready():
     assert gateway.ready()
     gateway.fallback = True
     assert not gateway.ready()
+
+
+@pytest.mark.parametrize("key, host", [(None, "127.0.0.1"), ("k", "0.0.0.0")])
+def test_lingtune_serve_binds_loopback_without_a_key(tmp_path, monkeypatch, key, host):
+    import os
+
+    from typer.testing import CliRunner
+
+    from lingtune import cli
+
+    (tmp_path / "params.yaml").write_text("serve:\n  host: 0.0.0.0\n")
+    monkeypatch.delenv("LINGTUNE_API_KEY", raising=False)
+    if key:
+        monkeypatch.setenv("LINGTUNE_API_KEY", key)
+    started = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append(argv))
+    result = CliRunner().invoke(cli.app, ["serve", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    argv = started[0]
+    assert argv[argv.index("--host") + 1] == host

@@ -168,10 +168,12 @@ def serve(
     """Serve the model: `bentoml serve` of bentofile.yaml (OpenAI routes + /v1/sentiment, /v1/ner)."""
     import os
 
+    from lingtune.serve.runtime import bind_host
+
     cfg = _params(params).serve  # bad params fail here, before bentoml starts
     env = {**os.environ, "LINGTUNE_PARAMS": str(params.resolve())}
     argv = [sys.executable, "-m", "bentoml", "serve", "lingtune.serve.service:LingTune",
-            "--port", str(port or cfg.port), "--host", cfg.host]
+            "--port", str(port or cfg.port), "--host", bind_host(cfg, os.environ.get(cfg.api_key_env) or None)]
     os.execve(sys.executable, argv, env)
 
 
