@@ -63,3 +63,28 @@ def test_unconstrained_and_ner_decode_the_whole_answer(tokenizer):
     assert ner.max_tokens == 48 and ner.structured_outputs.regex == ANSWER_REGEX
     output = SimpleNamespace(token_ids=[3, 4], text='{"entities": []}')
     assert decoder.answer("ner", output) == '{"entities": []}'
+
+
+@pytest.mark.parametrize("name", tasks.names())
+def test_answer_schema_accepts_exactly_the_trained_answers(name):
+    """The JSON Schema users send as response_format describes the trained answer format."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    from lingtune.formats import read_jsonl
+
+    spec = tasks.get(name)
+    schema = spec.answer_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    records = read_jsonl(Path(__file__).parent / "data" / "train.jsonl", name)
+    assert records
+    for record in records[:200]:
+        answer = json.loads(spec.answer(record))
+        jsonschema.validate(answer, schema)
+        assert spec.exact_schema(answer)
+    wrong = [{"label": "neutral"}, {"label": "positive", "why": "x"}, {"entities": [{"text": "北京", "type": "GPE"}]},
+             {"entities": [{"text": "北京", "type": "LOC", "start": 0}]}, {}]
+    for obj in wrong:
+        assert not jsonschema.Draft202012Validator(schema).is_valid(obj) and not spec.exact_schema(obj), obj

@@ -138,6 +138,21 @@ def test_ner_endpoint_answers_every_text_in_the_documented_shape(client):
         assert all(entity["type"] in ("PER", "LOC", "ORG") for entity in item["unlocated"])
 
 
+@pytest.mark.parametrize("task, text", [("sentiment", "这本书很好看"), ("ner", "江泽民在北京会见新华社记者")])
+def test_structured_outputs_return_the_task_schema(client, task, text):
+    """OpenAI structured outputs: `response_format` json_schema (strict) with the task's answer schema,
+    through the official client; the reply is JSON of exactly that schema, even from random weights."""
+    from lingtune import tasks
+
+    spec = tasks.get(task)
+    reply = client.chat.completions.create(model="sft", max_tokens=48, temperature=0,
+                                           messages=[{"role": "user", "content": spec.user_prompt(text)}],
+                                           response_format=spec.response_format())
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert spec.exact_schema(json.loads(choice.message.content)), choice.message.content
+
+
 def test_ner_result_maps_answers_to_offsets():
     """What /v1/ner returns for a known answer: each entity at the first occurrence after the previous one
     (a repeated name gets its next occurrence), else the first free one anywhere, else unlocated."""

@@ -330,6 +330,9 @@ class ServeConfig(_Section):
     is longer than the 37-token template, which then is never shared; null = vLLM's default."""
     preload: bool = True
     """LD_PRELOAD tcmalloc and Intel OpenMP (when found) into the engine process."""
+    json_whitespace: bool = False
+    """Structured outputs (`response_format` json_schema / json_object): false = compact JSON (xgrammar,
+    no blanks between tokens), so a model cannot fill max_tokens with whitespace; true = vLLM's default."""
     timeout_s: int = Field(300, ge=1)
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import sys
 from argparse import Namespace
@@ -154,6 +155,8 @@ def vllm_args(cfg: ServeConfig, plan: ServePlan) -> Namespace:
     argv += ["--enforce-eager"] if cfg.enforce_eager else []
     argv += ["--enable-prefix-caching"] if cfg.prefix_caching else ["--no-enable-prefix-caching"]
     argv += ["--block-size", str(cfg.block_size)] if cfg.block_size else []
+    if not cfg.json_whitespace:  # structured outputs as compact JSON: a small model cannot pad them with blanks
+        argv += ["--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
     if plan.adapters:
         argv += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank), "--max-loras", str(len(plan.adapters)),
                  "--lora-modules", *(f"{name}={path}" for name, path in plan.adapters.items())]

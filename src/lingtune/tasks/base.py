@@ -139,6 +139,14 @@ class Task(ABC):
     def constraint(self) -> dict:
         """vLLM structured-output rule (`{"choice": [...]}` or `{"regex": ...}`) for the trained format."""
 
+    @abstractmethod
+    def answer_schema(self) -> dict:
+        """JSON Schema of the answer object (what `exact_schema` accepts): for OpenAI structured outputs,
+        `response_format={"type": "json_schema", "json_schema": {"name": ..., "schema": ..., "strict": true}}`."""
+
+    def response_format(self) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.answer_schema(), "strict": True}}
+
     def max_tokens(self, extraction_budget: int) -> int:
         return self.free_max_tokens
 
@@ -205,6 +213,10 @@ class ClassificationTask(Task):
 
     def constraint(self) -> dict:
         return {"choice": self.choices()}
+
+    def answer_schema(self) -> dict:
+        return {"type": "object", "properties": {"label": {"type": "string", "enum": list(self.labels)}},
+                "required": ["label"], "additionalProperties": False}
 
     def result(self, text: str, parsed: ParsedAnswer) -> dict:
         return {"label": parsed.label}

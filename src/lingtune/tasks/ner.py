@@ -153,6 +153,13 @@ class Ner(Task):
     def constraint(self) -> dict:
         return {"regex": ANSWER_REGEX}
 
+    def answer_schema(self) -> dict:
+        entity = {"type": "object", "properties": {"text": {"type": "string", "minLength": 1},
+                                                   "type": {"type": "string", "enum": list(self.types)}},
+                  "required": ["text", "type"], "additionalProperties": False}
+        return {"type": "object", "properties": {"entities": {"type": "array", "items": entity}},
+                "required": ["entities"], "additionalProperties": False}
+
     def max_tokens(self, extraction_budget: int) -> int:
         return extraction_budget
 
