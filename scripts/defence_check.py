@@ -1,4 +1,4 @@
-"""Remove each defence of the service in turn, run the tests that name it, expect them to fail; restore.
+"""Remove each defence of the service (tests/test_guard.py, tests/test_runtime.py) in turn, run the tests that name it, expect them to fail; restore.
 
 Usage: python3 scripts/defence_check.py [NAME ...]   (from the project root, with .venv installed; ~3 min;
        names pick some defences only)
@@ -22,6 +22,7 @@ M = [
  ("service host", S, 'http={"host": bind_host(CFG, API_KEY)', 'http={"host": CFG.host', "safe_host"),
  ("fallback not ready", A, 'and not self.engine.errored and not self.fallback', 'and not self.engine.errored', "fallback_model_is"),
  ("cli host", "src/lingtune/cli.py", '"--host", bind_host(cfg, os.environ.get(cfg.api_key_env) or None)]', '"--host", cfg.host]', "lingtune_serve_binds"),
+ ("int4 refused", R, '    if reason := unsupported_here(ref.base):', '    if reason := None:', "cannot_run_here"),
  ("strict ints", L, '    if type(value) is not int:  #', '    if False:  #', "json_integers"),
  ("int ranges", L, 'if not 1 <= value <= bound:', 'if False:', "json_integers"),
  ("depth", L, '        if depth > max_depth:', '        if False:', "deep_nesting"),
@@ -38,6 +39,7 @@ M = [
  ("fitting prompts", T, '        if used + budget > max_model_len:', '        if False:', "cannot_fit"),
  ("cancel on disconnect", T, '    await asyncio.wait({jobs, watch}, return_when=asyncio.FIRST_COMPLETED)', '    await asyncio.wait({jobs})', "cancelled_when"),
 ]
+TEST_FILES = ["tests/test_guard.py", "tests/test_runtime.py"]
 missed = []
 for name, f, old, new, k in M:
     if sys.argv[1:] and name not in sys.argv[1:]:
@@ -46,7 +48,7 @@ for name, f, old, new, k in M:
     assert src.count(old) == 1, (name, src.count(old))
     p.write_text(src.replace(old, new))
     try:
-        r = subprocess.run(["timeout", "120", f"{ROOT}/.venv/bin/python", "-m", "pytest", "tests/test_guard.py", "-q", "-p", "no:cacheprovider", "-k", k],
+        r = subprocess.run(["timeout", "120", f"{ROOT}/.venv/bin/python", "-m", "pytest", *TEST_FILES, "-q", "-p", "no:cacheprovider", "-k", k],
                            cwd=ROOT, capture_output=True, text=True)
         last = (r.stdout.strip().splitlines() or ["?"])[-1]
         print(f"{'OK (failed)' if r.returncode != 0 else 'MISSED    '} {name:22s} rc={r.returncode} {last}", flush=True)

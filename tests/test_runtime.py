@@ -82,3 +82,36 @@ def test_a_failing_registry_never_falls_back(tmp_path, tiny_model_dir, monkeypat
     with pytest.raises(RegistryError, match="file is not a database") as raised:
         resolve_plan(serve_params(tmp_path, str(tiny_model_dir), db="garbage.db"))
     assert not isinstance(raised.value, RegistryMissing)
+
+
+def test_a_model_vllm_cannot_run_here_is_refused_at_start(tiny_model_dir, monkeypatch):
+    """An INT4 champion on a CPU whose vLLM build lacks the INT4 kernel: a clear ModelError before the
+    engine starts, not a crash on the first request."""
+    import lingtune.serve.runtime as runtime
+    from lingtune.config import parse_params
+    from lingtune.errors import ModelError
+
+    params = parse_params({"serve": {"model": str(tiny_model_dir), "adapters": {}}})
+    assert runtime.resolve_plan(params).base == tiny_model_dir
+    monkeypatch.setattr(runtime, "unsupported_here", lambda folder: "no INT4 kernel in this vLLM build")
+    with pytest.raises(ModelError, match="cannot serve .*no INT4 kernel"):
+        runtime.resolve_plan(params)
+
+
+def test_only_quantized_models_are_checked_for_a_kernel(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    import torch
+
+    from lingtune.models import unsupported_here
+
+    assert unsupported_here(tiny_model_dir) is None
+    int4 = tmp_path / "int4"
+    shutil.copytree(tiny_model_dir, int4)
+    config = json.loads((int4 / "config.json").read_text())
+    (int4 / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "compressed-tensors"}}))
+    import vllm._custom_ops  # noqa: F401
+
+    has_kernel = torch.cuda.is_available() or hasattr(torch.ops._C, "cpu_gemm_wna16")
+    assert (unsupported_here(int4) is None) == has_kernel

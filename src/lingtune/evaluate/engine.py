@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lingtune.decoding import TaskDecoder
 from lingtune.errors import ModelError
+from lingtune.models import unsupported_here
 from lingtune.records import Record
 
 
@@ -34,27 +35,6 @@ def _prepare_cpu_environment(cfg: EngineConfig) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
     bind_vllm_cpu_threads(cfg.cpu_threads_bind)
-
-
-def unsupported_here(model_dir: str | Path) -> str | None:
-    """Why vLLM cannot run this model folder on this machine, or None. An INT4 W4A16 (compressed-tensors)
-    model runs on vLLM's CPU kernel `cpu_gemm_wna16`, which vLLM's AVX2 build does not have: the model
-    loads, then its first forward fails."""
-    import json
-
-    config = Path(model_dir) / "config.json"
-    if not config.is_file() or "quantization_config" not in json.loads(config.read_text()):
-        return None
-    import torch
-
-    if torch.cuda.is_available():
-        return None
-    import vllm._custom_ops  # noqa: F401  (registers vLLM's CPU kernels under torch.ops._C)
-
-    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
-        return None
-    return (f"{model_dir} is an INT4 model, and this CPU's vLLM build has no INT4 kernel (cpu_gemm_wna16 comes "
-            "with vLLM's AVX-512 build); run it on a CPU with AVX-512 or on a GPU")
 
 
 class Engine:

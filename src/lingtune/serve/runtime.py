@@ -16,7 +16,7 @@ from pathlib import Path
 from lingtune.artifacts import content_hash, publishing
 from lingtune.config import Params, ServeConfig
 from lingtune.errors import ModelError
-from lingtune.models import ModelRef, adapter_base, is_adapter, merge, resolve
+from lingtune.models import ModelRef, adapter_base, is_adapter, merge, resolve, unsupported_here
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,12 @@ def resolve_served_model(params: Params):
 
 
 def resolve_plan(params: Params) -> ServePlan:
-    """Resolve `serve.model` (folder, adapter folder or models:/ URI) and the adapters that fit its base."""
+    """Resolve `serve.model` (folder, adapter folder or models:/ URI) and the adapters that fit its base;
+    ModelError when vLLM cannot run that model here (an INT4 model without vLLM's INT4 kernel)."""
     cfg = params.serve
     ref, fallback = resolve_served_model(params)
+    if reason := unsupported_here(ref.base):
+        raise ModelError(f"cannot serve {cfg.model}: {reason}")
     adapters: dict[str, Path] = {}
     base_name = cfg.served_model_name
     skipped = []
