@@ -57,6 +57,13 @@ def unsupported_here(model_dir: str | Path) -> str | None:
             "with vLLM's AVX-512 build); run it on a CPU with AVX-512 or on a GPU")
 
 
+def gpus() -> int:
+    """GPUs an engine runs on: one where CUDA is available (vLLM's default tensor_parallel_size), else 0."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 class Engine:
     """A vLLM engine over one base model; adapters are applied per call, without merging."""
 
