@@ -3,7 +3,7 @@
 A table lives between two marker lines, `<!-- table:NAME -->` and `<!-- /table:NAME -->`; everything
 between them is generated (never edit it by hand). The same NAME may appear in several files.
 
-  eval             reports/eval/metrics.json   test split, every variant: sentiment and NER scores
+  eval             reports/eval/metrics.json   test split, every variant: sentiment and NER scores, cost
   eval-types       reports/eval/details.json   NER F1 per entity type
   eval-time        reports/eval/metrics.json   generation seconds per variant and task
   train            reports/sft.json, reports/sft_full.json
@@ -83,12 +83,14 @@ def table_eval(root: Path) -> list[str]:
     metrics = load(root, "reports/eval/metrics.json")
     rows = [[name, pct(m.get("sentiment.accuracy")), pct(m.get("sentiment.macro_f1")),
              pct(m.get("sentiment.invalid_rate")), pct(m.get("ner.precision")), pct(m.get("ner.recall")),
-             pct(m.get("ner.f1")), pct(m.get("ner.invalid_rate"))] for name, m in metrics.items()]
+             pct(m.get("ner.f1")), pct(m.get("ner.invalid_rate")), num(m.get("cost_usd"), 4)]
+            for name, m in metrics.items()]
     first = next(iter(metrics.values()), {})
-    note = f"test split, {num(first.get('sentiment.n'))} reviews and {num(first.get('ner.n'))} sentences"
+    note = (f"test split, {num(first.get('sentiment.n'))} reviews and {num(first.get('ner.n'))} sentences; "
+            "cost USD: generation and scoring time x `cost` prices")
     return [source(["reports/eval/metrics.json"], note), "",
             *md_table(["variant", "sentiment acc", "sentiment macro-F1", "sentiment invalid",
-                       "NER P", "NER R", "NER F1", "NER invalid"], rows)]
+                       "NER P", "NER R", "NER F1", "NER invalid", "cost USD"], rows)]
 
 
 def table_eval_types(root: Path) -> list[str]:

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from lingtune.config import parse_params
 from lingtune.errors import ModelError
-from lingtune.evaluate.run import comparison_table, default_model, log_to_mlflow, variants
+from lingtune.evaluate.run import comparison_table, default_model, log_to_mlflow, summarise, variants
 
 
 def fake_model(folder):
@@ -71,20 +71,22 @@ def test_metrics_go_to_each_variants_run(tmp_path):
         mlflow.log_metric("train/loss", 0.1)
     fake_adapter(tmp_path / "sft", fake_model(tmp_path / "backbone"))
     (tmp_path / "sft.json").write_text(json.dumps({"mlflow_run_id": training.info.run_id}))
-    summary = {"base": {"sentiment.macro_f1": 0.33, "ner.recall": 0.0},
-               "sft": {"sentiment.macro_f1": 0.87, "ner.recall": 0.4}}
+    summary = {"base": {"sentiment.macro_f1": 0.33, "ner.recall": 0.0, "cost_usd": 0.002},
+               "sft": {"sentiment.macro_f1": 0.87, "ner.recall": 0.4, "cost_usd": 0.003}}
     out = tmp_path / "eval"
     out.mkdir()
     (out / "table.md").write_text("| variant |\n")
-    log_to_mlflow(params, variants(params), summary, out)
+    log_to_mlflow(params, variants(params), summary, out, {"compute_hours": 0.1, "cost_usd": 0.01})
     client = MlflowClient(params.tracking.uri)
     trained = client.get_run(training.info.run_id).data
     assert trained.metrics["test/sentiment.macro_f1"] == 0.87 and trained.metrics["train/loss"] == 0.1
+    assert trained.metrics["test/cost_usd"] == 0.003  # beside, not over, the training's own cost_usd
     runs = {r.info.run_name: r for r in client.search_runs(client.get_experiment_by_name("lingtune").experiment_id)}
     assert runs["evaluate-base"].data.metrics["test/sentiment.macro_f1"] == 0.33
     assert runs["evaluate-base"].data.tags["lingtune.variant"] == "base"
     stage = runs["evaluate"]
     assert stage.data.metrics["sft.ner.recall"] == 0.4 and stage.data.tags["lingtune.variants"] == "base,sft"
+    assert (stage.data.metrics["compute_hours"], stage.data.metrics["cost_usd"]) == (0.1, 0.01)
     assert [a.path for a in client.list_artifacts(stage.info.run_id, "evaluation")] == ["evaluation/table.md"]
 
 
@@ -93,6 +95,20 @@ def test_comparison_table_shows_poor_scores_as_they_are():
     ner = {"precision": 0.004, "recall": 0.002, "f1": 0.003, "invalid_rate": 0.015}
     table = comparison_table({"base": {"sentiment": zero, "ner": ner}})
     assert "| base | 50.0% | 33.3% | 0.0% | 0.4% | 0.2% | 0.3% | 1.5% |" in table
+
+
+def test_each_variant_costs_its_generation_time():
+    """metrics.json and the table carry each variant's cost: its tasks' seconds at the CPU or GPU price."""
+    params = parse_params({"cost": {"usd_per_cpu_hour": 0.2, "usd_per_gpu_hour": 3.0}})
+    sentiment = {"accuracy": 0.5, "macro_f1": 1 / 3, "invalid_rate": 0.0, "seconds": 1800.0}
+    ner = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "invalid_rate": 0.0, "seconds": 1800.0}
+    results = {"base": {"sentiment": sentiment, "ner": ner}}
+    summary = summarise(results, params.cost, gpus=0)["base"]
+    assert summary["sentiment.seconds"] == 1800.0 and summary["compute_hours"] == 1.0
+    assert summary["cost_usd"] == pytest.approx(summary["compute_hours"] * 0.2)
+    assert summarise(results, params.cost, gpus=1)["base"]["cost_usd"] == pytest.approx(3.0)
+    table = comparison_table(results, {"base": summary["cost_usd"]})
+    assert table.splitlines()[0].endswith("| cost USD |") and "| 0.0% | 0.2000 |" in table
 
 
 def test_default_model_is_the_champion_else_the_latest_variant(tmp_path, monkeypatch):

@@ -92,6 +92,19 @@ def test_trl_renders_the_sft_prompt(tiny_model_dir):
     assert sft.labels[len(trl_ids) - 1] == -100 and sft.labels[len(trl_ids)] != -100
 
 
+def pick_costs(report: dict) -> dict:
+    return {k: report[k] for k in ("compute_hours", "cost_usd")}
+
+
+def assert_costs(report: dict, judge_usd: float) -> None:
+    """On the CPU: the stage's hours at the CPU price, plus what the judge's requests cost."""
+    from lingtune.config import CostConfig
+
+    assert report["compute_hours"] > 0 and judge_usd > 0
+    assert report["cost_usd"] == pytest.approx(report["compute_hours"] * CostConfig().usd_per_cpu_hour + judge_usd,
+                                               abs=1e-6)
+
+
 def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, grader, judge_key):
     import mlflow
 
@@ -108,6 +121,11 @@ def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, g
     assert report["judge"]["kind"] == "openai" and report["judge"]["items"] == 12
     assert report["judge"]["prompt_tokens"] == 100 * report["judge"]["requests"] > 0
     assert len({r["instruction"] for r in rows}) > 1
+    assert_costs(report, report["judge"]["cost_usd"])
+    mlflow.set_tracking_uri(params.tracking.uri)
+    reward_run = mlflow.search_runs(experiment_names=["t"], filter_string="tags.`lingtune.stage` = 'reward'",
+                                    output_format="list")[0]
+    assert {k: reward_run.data.metrics[k] for k in ("compute_hours", "cost_usd")} == pick_costs(report)
 
     metrics = run_rl(params)
     assert metrics["steps"] == 3 and metrics["logged_steps"] == 3 and metrics["resumed_from"] is None
@@ -117,6 +135,7 @@ def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, g
     trained = adapter_tensors(Path(params.rl.out_dir))
     assert metrics["consistency"]["before"] == report["consistency"]
     assert set(metrics["consistency"]["change"]["all"]) == {"agreement", "valid_rate"}
+    assert_costs(metrics, metrics["judge"]["cost_usd"])
 
     out = Path(params.rl.out_dir)
     config = json.loads((out / "adapter_config.json").read_text())
@@ -132,6 +151,7 @@ def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, g
                 "rewards/instruction/mean", "reward_weight/ner"):
         assert key in run.data.metrics, key
     assert run.data.tags["lingtune.stage"] == "rl"
+    assert {k: run.data.metrics[k] for k in ("compute_hours", "cost_usd")} == pick_costs(metrics)
     # weights moved from start towards end (0.3 -> 0.4 for ner) over the run
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "reward_weight/ner")
     assert history[0].value == pytest.approx(0.3) and history[-1].value > history[0].value

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import make_sft_project
+from lingtune.config import CostConfig
 
 BASE_SFT = {"max_steps": 30, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "val_every_n_steps": 10,
             "val_batches": 2, "checkpoint_every_n_steps": 5, "log_every_n_steps": 1, "max_seq_len": 160,
@@ -84,6 +85,11 @@ def test_mlflow_run_reads_back(uninterrupted):
     assert any(key.startswith("system/") for key in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
+    m = metrics(uninterrupted)  # on the CPU: machine-hours at the CPU price, the stage's wall time
+    assert run.data.metrics["compute_hours"] == m["compute_hours"] > 0
+    assert m["compute_hours"] == pytest.approx(m["wall_seconds_this_run"] / 3600, abs=1e-4)
+    assert run.data.metrics["cost_usd"] == m["cost_usd"] == pytest.approx(
+        m["compute_hours"] * CostConfig().usd_per_cpu_hour, abs=1e-6)
 
 
 def test_sigkill_then_resume_is_bit_identical(root, tmp_path, uninterrupted):

@@ -88,9 +88,11 @@ def sft(params: Path = ParamsOption,
 @app.command()
 def evaluate(params: Path = ParamsOption) -> None:
     """DVC stage: every variant (base, SFT, ...) on the test split; writes reports/eval/."""
-    from lingtune.evaluate.run import comparison_table, run_evaluate
+    from lingtune.evaluate.run import run_evaluate
 
-    typer.echo(comparison_table(run_evaluate(_params(params))))
+    loaded = _params(params)
+    run_evaluate(loaded)
+    typer.echo((Path(loaded.evaluate.out_dir) / "table.md").read_text(encoding="utf-8"))  # with each variant's cost
 
 
 def _num(value: float | None) -> str:

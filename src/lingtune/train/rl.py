@@ -21,7 +21,8 @@ Features and their cost:
   removed); one without it (killed mid-save) is deleted at start-up. Checkpoints of another configuration
   are dropped, not resumed.
 * Monitoring: TRL's logs go to MLflow (`report_to="mlflow"` inside lingtune's run): reward per component,
-  reward weights, KL, clip ratios, completion lengths, step time.
+  reward weights, KL, clip ratios, completion lengths, step time; at the end `compute_hours` and `cost_usd`
+  (judge requests included) of this execution, also in `rl.metrics`.
 * Consistency: agreement of k sampled answers per validation prompt and the valid-JSON rate, after RL,
   next to the SFT model's (the `reward` stage's report, same prompts, sampler and seed).
 
@@ -191,6 +192,7 @@ def run_rl(params) -> dict:
     from lingtune.judge import make_judge
     from lingtune.tracking import flatten
 
+    stage_started = time.time()  # loading included: what `compute_hours` counts
     cfg = params.rl
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -208,14 +210,24 @@ def run_rl(params) -> dict:
         trainer.train(resume_from_checkpoint=last)
         train_seconds = time.time() - started
         save_adapter(trainer.model, tokenizer, Path(cfg.out_dir))
-        metrics = _finish(params, trainer, tokenizer, judge, train_seconds, resumed=last, run_id=run.info.run_id)
+        metrics = _finish(params, trainer, tokenizer, judge, train_seconds, resumed=last, run_id=run.info.run_id,
+                          stage_started=stage_started)
         mlflow.log_metrics({f"final.{k}": v for k, v in flatten("", metrics).items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics({k: metrics[k] for k in ("compute_hours", "cost_usd")})
         mlflow.log_artifacts(cfg.out_dir, "adapter")
     return metrics
 
 
-def _finish(params, trainer, tokenizer, judge, train_seconds: float, resumed: str | None, run_id: str) -> dict:
+def _gpus(trainer) -> int:
+    """CUDA devices the trainer used (0 on CPU), for the price of its compute."""
+    return trainer.args.n_gpu if trainer.args.device.type == "cuda" else 0
+
+
+def _finish(params, trainer, tokenizer, judge, train_seconds: float, resumed: str | None, run_id: str,
+            stage_started: float) -> dict:
+    from lingtune.tracking import run_cost
+
     cfg = params.rl
     started = time.time()
     after = measure_consistency(trainer.model, tokenizer, params)
@@ -228,6 +240,7 @@ def _finish(params, trainer, tokenizer, judge, train_seconds: float, resumed: st
         "consistency": {"before": before, "after": after, "change": _change(before, after),
                         "before_source": str(report) if before else None,
                         "seconds": round(time.time() - started, 1)},
+        **run_cost(params.cost, time.time() - stage_started, _gpus(trainer), judge.stats.cost_usd),
         "mlflow_run_id": run_id,
     }
     write_json(cfg.metrics, metrics)

@@ -7,7 +7,8 @@
 * `run_reward` (stage `reward`): samples the SFT model on `reward.prompts_per_task` validation prompts
   per task, scores every answer with the judge and the task rewards, and writes the reward data set
   (`reward.dataset`, one JSON line per answer) and `reward.report` (judge statistics, mean components,
-  the SFT model's consistency: the "before" of the RL stage). One MLflow run.
+  the SFT model's consistency: the "before" of the RL stage, and the run's `compute_hours` and `cost_usd`,
+  judge requests included). One MLflow run.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ def reward_params(cfg) -> dict:
 def run_reward(params) -> dict:
     """DVC stage `reward`: the SFT model's sampled answers on validation prompts, scored by the judge."""
     from lingtune.judge import describe, make_judge
-    from lingtune.tracking import stage_run
+    from lingtune.tracking import run_cost, stage_run
 
+    stage_started = time.time()
     cfg = params.reward
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -128,7 +130,8 @@ def run_reward(params) -> dict:
     report = {"judge": {**describe(cfg.judge), **judge.stats.as_dict()},
               "mean": _means(rows), "consistency": consistency_by_task(records, answers),
               "answers": len(rows), "sampling_seconds": round(sampled, 1),
-              "wall_seconds": round(time.time() - started, 1)}
+              "wall_seconds": round(time.time() - started, 1),
+              **run_cost(params.cost, time.time() - stage_started, _gpus(model), judge.stats.cost_usd)}
     write_jsonl(cfg.dataset, rows)
     write_json(cfg.report, report)
     with stage_run(params.tracking, "reward", {"reward": reward_params(cfg), "seed": params.seed}):
@@ -138,6 +141,10 @@ def run_reward(params) -> dict:
         mlflow.log_artifact(cfg.dataset, "reward")
         mlflow.log_artifact(cfg.report, "reward")
     return report
+
+
+def _gpus(model) -> int:
+    return 1 if model.device.type == "cuda" else 0
 
 
 def _numbers(report: dict, prefix: str = "") -> dict[str, float]:

@@ -16,7 +16,7 @@ Features and their cost:
   and a `StatefulDataLoader`, so the same command starts or resumes a run and a resumed run
   continues on exactly the next batch. Checkpoints keep trainable weights only.
 * Monitoring: MLFlowLogger (params, live metrics, system metrics, the adapter as an artifact, the
-  dataset hash as a tag) and Lightning's progress bar.
+  dataset hash as a tag, `compute_hours` and `cost_usd` at the end) and Lightning's progress bar.
 
 Errors: ValueError for a non-finite loss under `on_nonfinite: stop` (nothing is written to
 `out_dir`); ConfigError-like ValueErrors for an impossible combination (nf4 without CUDA-free
@@ -37,8 +37,9 @@ from torch.nn import functional as F
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerprint, publishing, write_json, write_text
-from lingtune.config import SFTConfig
+from lingtune.config import CostConfig, SFTConfig
 from lingtune.errors import StageError
+from lingtune.tracking import flatten, run_cost
 from lingtune.train.loader import IGNORE, BucketBatchSampler, SFTDataset, collate_left_padded
 
 
@@ -279,6 +280,7 @@ def run_sft(params, full_baseline: bool = False) -> dict:
     """DVC stage `sft` (`sft_full` with full_baseline): the same command starts a run or resumes the last one."""
     from pytorch_lightning.loggers import MLFlowLogger
 
+    started = time.time()  # the stage's wall time, loading included: what `compute_hours` counts
     cfg = resolve_precision(params.sft_full if full_baseline else params.sft)
     data_dir = Path(params.data.out_dir)
     if cfg.threads:
@@ -295,12 +297,9 @@ def run_sft(params, full_baseline: bool = False) -> dict:
     module = SFTModule(params.backbone.out_dir, cfg, tokenizer, train_set, val_set, params.seed)
     trainer = build_trainer(cfg, logger, checkpoints.path)
     if trainer.is_global_zero:
-        from lingtune.tracking import flatten
-
         logger.log_hyperparams({"seed": params.seed, "backbone": params.backbone.name,
                                 **flatten("sft", cfg.model_dump())})
         checkpoints.record(logger.run_id)
-    started = time.time()
     monitor = _system_metrics(logger.run_id, params.tracking) if trainer.is_global_zero else None
     try:
         trainer.fit(module, ckpt_path="last")
@@ -309,7 +308,7 @@ def run_sft(params, full_baseline: bool = False) -> dict:
             monitor.finish()
     if not trainer.is_global_zero:
         return {}
-    return _finish(module, trainer, logger, cfg, started, train_set)
+    return _finish(module, trainer, logger, cfg, started, train_set, params.cost)
 
 
 def _system_metrics(run_id: str, tracking):
@@ -323,7 +322,13 @@ def _system_metrics(run_id: str, tracking):
     return monitor
 
 
-def _finish(module: SFTModule, trainer, logger, cfg: SFTConfig, started: float, train_set: SFTDataset) -> dict:
+def _gpus(trainer) -> int:
+    """CUDA devices this run trained on (0 on CPU), for the price of its compute."""
+    return trainer.num_devices if trainer.strategy.root_device.type == "cuda" else 0
+
+
+def _finish(module: SFTModule, trainer, logger, cfg: SFTConfig, started: float, train_set: SFTDataset,
+            cost: CostConfig) -> dict:
     val_loss = module.final_val_loss()
     if not math.isfinite(val_loss):
         raise NonFiniteLoss(f"validation loss of the trained weights is {val_loss}; nothing written "
@@ -332,6 +337,7 @@ def _finish(module: SFTModule, trainer, logger, cfg: SFTConfig, started: float, 
     losses = module.losses
     write_loss_curve(Path(cfg.loss_curve), losses)
     tail = [row["loss"] for row in losses[-10:]]
+    wall = time.time() - started
     metrics = {
         "method": cfg.method, "quantization": cfg.quantization, "precision": cfg.precision,
         "steps": trainer.global_step,
@@ -339,11 +345,13 @@ def _finish(module: SFTModule, trainer, logger, cfg: SFTConfig, started: float, 
         "final_loss": sum(tail) / len(tail) if tail else None,
         "val_loss": val_loss, "skipped_batches": module.skipped,
         "trainable_parameters": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
-        "dropped_long_examples": train_set.dropped, "wall_seconds_this_run": round(time.time() - started, 1),
-        "peak_rss_mb": round(_peak_rss_mb()), "mlflow_run_id": logger.run_id,
+        "dropped_long_examples": train_set.dropped, "wall_seconds_this_run": round(wall, 1),
+        **run_cost(cost, wall, _gpus(trainer)), "peak_rss_mb": round(_peak_rss_mb()), "mlflow_run_id": logger.run_id,
     }
     write_json(cfg.metrics, metrics)
     logger.experiment.log_metric(logger.run_id, "val/final_loss", val_loss, step=trainer.global_step)
+    for key in ("compute_hours", "cost_usd"):
+        logger.experiment.log_metric(logger.run_id, key, metrics[key], step=trainer.global_step)
     logger.experiment.log_dict(logger.run_id, metrics, "sft_metrics.json")
     for path in files:
         logger.experiment.log_artifact(logger.run_id, str(path), "adapter" if cfg.method == "lora" else "model")
