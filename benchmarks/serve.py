@@ -7,8 +7,9 @@ from the test split to the task endpoints /v1/sentiment and /v1/ner (`--route ch
 completions in the trained prompt with the whole answer constrained); optionally a soak (64
 clients x 60 s); (3) the same load against benchmarks/naive_server.py (FastAPI + transformers,
 one request at a time, same model, same prompt tokens and answer length). FLOPs of a request:
-2 x non-embedding parameters x (prompt + output tokens) + 2 x LM-head parameters x output tokens,
-every prompt token counted (prefix caching can push roofline_fraction past 1).
+2 x non-embedding parameters x (prompt tokens not served by the prefix cache + output tokens)
++ 2 x LM-head parameters x output tokens. The peak is benchmarks/matmul_peak.py's probe; a
+roofline_fraction above 1 is refused as a benchmark bug.
 
 Usage: python benchmarks/serve.py [--clients 16] [--requests 400] [--task sentiment|ner|mix] [--route task|chat]
        [--model lingtune] [--soak] [--naive-requests 32] [--json]
@@ -33,24 +34,35 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe
 
 from lingtune.config import load_params  # noqa: E402
 from lingtune.formats import read_jsonl  # noqa: E402
 from lingtune import tasks as lingtune_tasks  # noqa: E402
 
 
-def peak_flops(seconds: float = 3.0, n: int = 2048) -> float:
-    """bf16 matmul FLOP/s with all cores: the ceiling every request shares."""
+def peak_flops(trials: int = 5) -> tuple[float, float]:
+    """(bf16 matmul FLOP/s with all cores, spread): the ceiling every request shares, measured as
+    benchmarks/matmul_peak.py does (best of `trials` timed runs after a warm-up, square and LM-head
+    shapes); spread = best / worst run of the best shape."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - started)
+    from matmul_peak import SHAPES, time_matmul
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    runs = [time_matmul(torch, torch.bfloat16, m, k, n, trials) for _, m, k, n in SHAPES]
+    best = max(runs, key=max)
+    return max(best) * 1e9, round(max(best) / min(best), 3)
+
+
+def roofline(req_per_s: float, flops_per_request: float, peak: float) -> float:
+    """The fraction of the peak that requests use. Above 1 the probe under-measured the peak or the
+    FLOPs are over-counted: a benchmark bug, never a result."""
+    fraction = req_per_s * flops_per_request / peak
+    if fraction > 1.0:
+        raise SystemExit(f"roofline_fraction {fraction:.3f} > 1: the peak probe ({peak / 1e9:.0f} GFLOP/s) "
+                         "under-measured the machine or the FLOPs per request are over-counted; not reported")
+    return round(fraction, 3)
 
 
 def parameter_counts(model_dir: Path) -> tuple[int, int]:
@@ -89,16 +101,18 @@ def workload(data: Path, task: str, max_tokens_ner: int, route: str) -> list[dic
     return items
 
 
-async def send(client, model: str, item: dict, max_new: int | None) -> tuple[int, int]:
-    """One request; (prompt tokens, completion tokens) from its usage."""
+async def send(client, model: str, item: dict, max_new: int | None) -> tuple[int, int, int]:
+    """One request; (prompt tokens, completion tokens, prompt tokens from the prefix cache) from its usage."""
     if "path" in item:  # max_tokens only for the naive server (the same work as the service did)
         body = {**item["body"], "model": model, **({"max_tokens": max_new} if max_new else {})}
-        reply = await client.post(item["path"], body=body, cast_to=object)
-        return reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]
+        usage = (await client.post(item["path"], body=body, cast_to=object))["usage"]
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return usage["prompt_tokens"], usage["completion_tokens"], cached
     reply = await client.chat.completions.create(
         model=model, messages=item["messages"], temperature=0, extra_body=item["extra_body"],
         max_tokens=max_new or item["max_tokens"])
-    return reply.usage.prompt_tokens, reply.usage.completion_tokens
+    details = reply.usage.prompt_tokens_details
+    return reply.usage.prompt_tokens, reply.usage.completion_tokens, (details.cached_tokens or 0) if details else 0
 
 
 class Feed:
@@ -131,10 +145,10 @@ async def load(url: str, model: str, feed: Feed, clients: int, count: int | None
             issued, repeats = issued + 1, repeats + repeat
             started = time.perf_counter()
             try:
-                prompt_tokens, completion_tokens = await send(client, model, item, max_new)
-                results.append((time.perf_counter() - started, prompt_tokens, completion_tokens))
+                prompt_tokens, completion_tokens, cached = await send(client, model, item, max_new)
+                results.append((time.perf_counter() - started, prompt_tokens, completion_tokens, cached))
             except openai.OpenAIError as exc:
-                results.append((time.perf_counter() - started, None, repr(exc)))
+                results.append((time.perf_counter() - started, None, repr(exc), 0))
 
     started = time.perf_counter()
     await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -154,13 +168,15 @@ def summarize(results: list[tuple], wall: float, clients: int) -> dict:
 
     prompt = sum(r[1] for r in results if r[1] is not None)
     output = sum(r[2] for r in results if r[1] is not None)
+    cached = sum(r[3] for r in results if r[1] is not None)
     return {"clients": clients, "requests": len(results), "errors": len(errors), "error_examples": errors[:3],
             "seconds": round(wall, 2), "req_per_s": round(len(ok) / wall, 3),
             "mean_latency_ms": round(1000 * sum(ok) / len(ok), 1) if ok else float("nan"),
             "p50_latency_ms": pct(0.5), "p95_latency_ms": pct(0.95), "p99_latency_ms": pct(0.99),
             "output_tok_per_s": round(output / wall, 1),
             "mean_prompt_tokens": round(prompt / max(1, len(ok)), 1),
-            "mean_output_tokens": round(output / max(1, len(ok)), 2)}
+            "mean_output_tokens": round(output / max(1, len(ok)), 2),
+            "mean_cached_prompt_tokens": round(cached / max(1, len(ok)), 1)}
 
 
 def _free_port() -> int:
@@ -233,7 +249,7 @@ def run(args) -> dict:
     log = sys.stderr if args.verbose else open(os.devnull, "w")
     report = {"task": args.task, "route": args.route, "model": model, "base": str(plan.base), "preload": not args.no_preload}
     report["load_average_at_start"] = os.getloadavg()[0]  # other processes share these cores: read with care
-    report["peak_flops"] = peak_flops()
+    report["peak_flops"], report["peak_spread"] = peak_flops()
     non_embedding, head = parameter_counts(plan.base)
     proc, url = start_service(Path(args.params), overrides, log)
     try:
@@ -246,12 +262,12 @@ def run(args) -> dict:
         soak = asyncio.run(load(url, model, feed, 64, duration=60)) if args.soak else None
     finally:
         stop(proc)
-    flops = 2 * non_embedding * (main["mean_prompt_tokens"] + main["mean_output_tokens"]) + \
-        2 * head * main["mean_output_tokens"]
+    computed_prompt = main["mean_prompt_tokens"] - main["mean_cached_prompt_tokens"]  # cache hits cost no FLOPs
+    flops = 2 * non_embedding * (computed_prompt + main["mean_output_tokens"]) + 2 * head * main["mean_output_tokens"]
     report.update(main)
     report.update({"single_client_latency_ms": single["mean_latency_ms"], "flops_per_request": flops,
                    "roofline_req_per_s": round(report["peak_flops"] / flops, 2),
-                   "roofline_fraction": round(main["req_per_s"] * flops / report["peak_flops"], 3), "soak": soak})
+                   "roofline_fraction": roofline(main["req_per_s"], flops, report["peak_flops"]), "soak": soak})
     full = None
     if args.naive_requests:
         adapter = plan.adapters.get(model)

@@ -115,6 +115,14 @@ def test_completions_and_adapter_by_model_name(client):
     assert base.choices[0].text and lora.choices[0].text and lora.model == "sft"
 
 
+def test_task_usage_reports_prefix_cache_hits(client):
+    """Every task prompt starts with the same template: from the second request on, its first KV blocks
+    come from the prefix cache, and usage says how many tokens (OpenAI's prompt_tokens_details)."""
+    client.post("/sentiment", body={"text": "质量不错"}, cast_to=object)
+    usage = client.post("/sentiment", body={"text": "物流太慢了"}, cast_to=object)["usage"]
+    assert 32 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]  # whole 32-token blocks
+
+
 def test_sentiment_single_and_batch(client):
     one = client.post("/sentiment", body={"text": "这本书很好看"}, cast_to=object)
     assert one["label"] in ("positive", "negative")
@@ -455,7 +463,20 @@ def test_benchmark_reports_every_documented_key(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     for key in ("req_per_s", "mean_latency_ms", "p95_latency_ms", "p99_latency_ms", "single_client_latency_ms",
-                "roofline_fraction", "speedup_vs_naive", "errors", "output_tok_per_s", "peak_flops"):
+                "roofline_fraction", "speedup_vs_naive", "errors", "output_tok_per_s", "peak_flops", "peak_spread",
+                "mean_cached_prompt_tokens"):
         assert isinstance(report[key], (int, float)), key
+    assert 0 < report["roofline_fraction"] <= 1 and report["peak_spread"] >= 1
+    assert 0 < report["mean_cached_prompt_tokens"] < report["mean_prompt_tokens"]  # the template, shared
     assert report["errors"] == 0 and report["naive"]["errors"] == 0 and report["requests"] == 8
     assert report["repeated_prompts"] == 0  # a prompt sent twice is a prefix-cache hit: each phase takes new ones
+
+
+def test_benchmark_refuses_a_roofline_fraction_above_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve import roofline
+
+    assert roofline(10.0, 1e9, 20e9) == 0.5
+    with pytest.raises(SystemExit, match="roofline_fraction 1.500 > 1"):
+        roofline(30.0, 1e9, 20e9)
+

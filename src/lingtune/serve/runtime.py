@@ -154,7 +154,8 @@ def vllm_args(cfg: ServeConfig, plan: ServePlan) -> Namespace:
 
     argv = ["--model", str(plan.base), "--served-model-name", plan.base_name,
             "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", str(cfg.max_num_seqs),
-            "--seed", "0", "--disable-uvicorn-access-log", "--disable-log-stats"]
+            "--seed", "0", "--disable-uvicorn-access-log", "--disable-log-stats",
+            "--enable-prompt-tokens-details"]  # usage.prompt_tokens_details.cached_tokens, as OpenAI reports it
     argv += ["--enforce-eager"] if cfg.enforce_eager else []
     argv += ["--enable-prefix-caching"] if cfg.prefix_caching else ["--no-enable-prefix-caching"]
     argv += ["--block-size", str(cfg.block_size)] if cfg.block_size else []

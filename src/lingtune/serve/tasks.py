@@ -84,15 +84,16 @@ def fitting_prompts(decode: TaskDecoder, task: str, texts: list[str], max_model_
     return prompts
 
 
-async def _answer(engine, decode: TaskDecoder, task: str, prompt: dict, lora) -> tuple[str, int, int]:
-    """(answer text, prompt tokens, completion tokens) of one prompt. Cancelling the task aborts the
-    request in the engine (AsyncLLM.generate aborts on CancelledError)."""
+async def _answer(engine, decode: TaskDecoder, task: str, prompt: dict, lora) -> tuple[str, int, int, int]:
+    """(answer text, prompt tokens, completion tokens, prompt tokens served from the prefix cache) of one
+    prompt. Cancelling the task aborts the request in the engine (AsyncLLM.generate aborts on CancelledError)."""
     final = None
     async for output in engine.generate(prompt, decode.sampling(task), f"{task}-{uuid.uuid4().hex}",
                                         lora_request=lora):
         final = output
     completion = final.outputs[0]
-    return decode.answer(task, completion), len(prompt["prompt_token_ids"]), len(completion.token_ids)
+    return (decode.answer(task, completion), len(prompt["prompt_token_ids"]), len(completion.token_ids),
+            final.num_cached_tokens or 0)
 
 
 async def until_disconnected(request: Request, every_s: float = 0.25) -> None:
@@ -131,10 +132,11 @@ async def run_task(task: str, body: TaskRequest, request: Request):
     prompts = fitting_prompts(decode, task, texts, settings.max_model_len)
     answers = await unless_disconnected(
         request, [_answer(state.engine_client, decode, task, p, lora) for p in prompts])
-    results = [to_result(task, t, a) for t, (a, _, _) in zip(texts, answers)]
+    results = [to_result(task, t, a[0]) for t, a in zip(texts, answers)]
     prompt_tokens, completion_tokens = sum(a[1] for a in answers), sum(a[2] for a in answers)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+             "total_tokens": prompt_tokens + completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": sum(a[3] for a in answers)}}  # OpenAI's usage shape
     return {**results[0], "usage": usage} if body.text is not None else {"results": results, "usage": usage}
 
 
