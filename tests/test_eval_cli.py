@@ -13,19 +13,30 @@ def lingtune_eval(cwd, *args):
 
 
 def test_eval_tiny_model_json(root, tmp_path):
+    """Both tasks; the NER file carries a key of its own (`sector`), which is ignored and named, and
+    `--predictions` writes one error-analysis line per example."""
     model = build_tiny_model(tmp_path / "tiny")
     (tmp_path / "params.yaml").write_text(f"data:\n  out_dir: {root}/tests/data\n")
-    cases = (("sentiment", "train.jsonl", {"accuracy", "macro_f1"}),
-             ("ner", "val.jsonl", {"precision", "recall", "f1", "per_type"}))
-    for task, name, keys in cases:
-        result = lingtune_eval(tmp_path, "--model", str(model), "--data", str(root / "tests/data" / name),
-                               "--task", task, "--json")
+    sectored = tmp_path / "sectored.jsonl"
+    sectored.write_text("".join(json.dumps({**json.loads(line), "sector": "news"}, ensure_ascii=False) + "\n"
+                                for line in (root / "tests/data/val.jsonl").read_text().splitlines()))
+    cases = (("sentiment", root / "tests/data/train.jsonl", {"accuracy", "macro_f1"}),
+             ("ner", sectored, {"precision", "recall", "f1", "per_type"}))
+    for task, path, keys in cases:
+        result = lingtune_eval(tmp_path, "--model", str(model), "--data", str(path), "--task", task, "--json",
+                               "--predictions", str(tmp_path / f"{task}.predictions.jsonl"))
         assert result.returncode == 0, result.stderr[-3000:]
         metrics = json.loads(result.stdout[result.stdout.index("{"):])
         assert keys | {"invalid_rate", "n"} <= set(metrics)
         assert metrics["n"] > 0 and 0 <= metrics["invalid_rate"] <= 1
-        if name == "train.jsonl":  # evaluating on the training file itself must be flagged
+        lines = [json.loads(line) for line in (tmp_path / f"{task}.predictions.jsonl").read_text().splitlines()]
+        assert len(lines) == metrics["n"] and all({"text", "gold", "predicted", "answer"} <= set(x) for x in lines)
+        if task == "ner":
+            assert all({"missed", "spurious", "wrong_type"} <= set(x) for x in lines)
+            assert f"note: {path}: ignored keys the neutral format does not use: sector (40 records)" in result.stderr
+        else:  # evaluating on the training file itself must be flagged
             assert "warning:" in result.stderr and "texts are in" in result.stderr
+            assert all("correct" in x for x in lines)
     bad_task = lingtune_eval(tmp_path, "--model", str(model), "--data", str(root / "tests/data/val.jsonl"),
                              "--task", "pos")
     assert bad_task.returncode == 2 and "unknown task 'pos'; lingtune knows sentiment, ner" in bad_task.stderr

@@ -136,3 +136,101 @@ def test_engine_is_built_from_params_evaluate(tmp_path):
     cfg = engine_config(params)
     assert (cfg.max_lora_rank, cfg.max_model_len, cfg.kv_cache_gb, cfg.max_tokens_ner, cfg.cpu_threads_bind) == \
         (16, 512, 3, 99, "0")
+
+
+def test_validation_metrics_are_val_keys_and_cost_counts_both_splits():
+    params = parse_params({"cost": {"usd_per_cpu_hour": 0.2}})
+    test = {"sentiment": {"macro_f1": 0.9, "seconds": 1800.0}, "ner": {"f1": 0.5, "seconds": 0.0}}
+    val = {"sentiment": {"macro_f1": 0.8, "seconds": 1800.0, "per_class": {}}, "ner": {"f1": 0.4, "seconds": 0.0}}
+    summary = summarise({"sft": test}, params.cost, gpus=0, validation={"sft": val})["sft"]
+    assert summary["sentiment.macro_f1"] == 0.9 and summary["val/sentiment.macro_f1"] == 0.8
+    assert summary["val/ner.f1"] == 0.4 and "val/sentiment.per_class" not in summary
+    assert summary["compute_hours"] == 1.0 and summary["cost_usd"] == pytest.approx(0.2)
+
+
+class FakeEngine:
+    """Stands in for the vLLM engine: each model answers by its own rule."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def generate(self, records, adapter=None, constrained=True):
+        from lingtune import tasks
+
+        if self.ref.adapter is not None:  # the trained variant: always right
+            return [tasks.get(r.task).answer(r) for r in records]
+        if self.ref.base.name == "backbone":  # zero-shot: one label, no entities
+            return ['{"label": "positive"}' if r.task == "sentiment" else '{"entities": []}' for r in records]
+        return [tasks.get(r.task).answer(r) if r.task == "sentiment" else '{"entities": []}' for r in records]
+
+
+def stage_project(tmp_path, root):
+    params = parse_params({
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        "data": {"out_dir": str(tmp_path / "data")},
+        "backbone": {"out_dir": str(tmp_path / "backbone")},
+        "sft": {"out_dir": str(tmp_path / "sft"), "metrics": str(tmp_path / "sft.json")},
+        "sft_full": {"out_dir": str(tmp_path / "sft_full")}, "rl": {"out_dir": str(tmp_path / "rl")},
+        "quantize": {"out_dir": str(tmp_path / "int4")},
+        "evaluate": {"out_dir": str(tmp_path / "eval")},
+        "register": {"cache_dir": str(tmp_path / "cache"), "validation_dir": str(tmp_path / "eval" / "validation")},
+    })
+    (tmp_path / "data").mkdir()
+    for split in ("test", "val"):
+        (tmp_path / "data" / f"{split}.jsonl").write_text((root / "tests/data/val.jsonl").read_text())
+    fake_adapter(tmp_path / "sft", fake_model(tmp_path / "backbone"))
+    return params
+
+
+def register_version(params, folder, champion: bool) -> str:
+    from lingtune.artifacts import content_hash
+    from lingtune.registry import CONTENT_TAG, client
+
+    mlflow_client = client(params.tracking.uri)
+    if not mlflow_client.search_registered_models(f"name='{params.register_.model_name}'"):
+        mlflow_client.create_registered_model(params.register_.model_name)
+    version = mlflow_client.create_model_version(params.register_.model_name, source=str(folder),
+                                                 tags={CONTENT_TAG: content_hash(folder), "lingtune.kind": "model"})
+    if champion:
+        mlflow_client.set_registered_model_alias(params.register_.model_name, "champion", version.version)
+    return str(version.version)
+
+
+def test_the_stage_scores_validation_and_the_registry_champion_for_the_gate(tmp_path, root, monkeypatch):
+    """metrics.json gains `val/` keys, reports/eval/validation holds each model's answer to every validation
+    example, the registry's champion (a version no variant folder holds) is scored there too, and the gate
+    finds both by content hash."""
+    from lingtune.evaluate import run
+    from lingtune.gate import gate
+    from lingtune.registry import client
+
+    params = stage_project(tmp_path, root)
+    old = fake_model(tmp_path / "old-champion")
+    (old / "weights.bin").write_bytes(b"an earlier model")
+    register_version(params, old, champion=True)
+    monkeypatch.setattr(run.Engines, "get", lambda self, ref: FakeEngine(ref))
+    run.run_evaluate(params)
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["sft"]["val/ner.f1"] == 1.0 and metrics["sft"]["ner.f1"] == 1.0
+    assert metrics["base"]["val/ner.f1"] == 0.0 and "champion" not in metrics  # the table lists variants only
+    index = json.loads((tmp_path / "eval" / "validation" / "index.json").read_text())
+    assert set(index["models"]) == {"base", "sft", "champion"}
+    assert index["models"]["champion"]["version"] == "1" and index["models"]["champion"]["model"] == "models:/lingtune/1"
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "validation" / "champion.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {"missed", "spurious", "wrong_type"} <= set(next(r for r in rows if r["task"] == "ner"))
+
+    candidate = register_version(params, tmp_path / "sft", champion=False)
+    decision = gate(client(params.tracking.uri), params.register_, candidate, seed=0)
+    assert decision.promoted and "champion v1" in decision.reason, decision.reason
+
+    mlflow_client = MlflowClient(params.tracking.uri)
+    runs = {r.info.run_name: r for r in mlflow_client.search_runs(
+        mlflow_client.get_experiment_by_name("lingtune").experiment_id)}
+    logged = runs["evaluate-base"].data.metrics
+    assert logged["val/sentiment.macro_f1"] == metrics["base"]["val/sentiment.macro_f1"]
+    assert "test/sentiment.macro_f1" in logged and "test/val/sentiment.macro_f1" not in logged
+
+    run.run_evaluate(params)  # sft is champion now: its answers are scored once, as the variant
+    index = json.loads((tmp_path / "eval" / "validation" / "index.json").read_text())
+    assert set(index["models"]) == {"base", "sft"}

@@ -1,6 +1,7 @@
 """The MLflow model registry round trip on a temporary sqlite store: register, aliases, the promotion
-gate (refuses a worse candidate, accepts a better one), loading `models:/name@alias`, a failing store
-(an error, never "no champion"), and the download cache (checked against the registered content)."""
+gate (refuses a candidate better only by noise, accepts a clearly better one, reads the validation split
+only), loading `models:/name@alias`, a failing store (an error, never "no champion"), and the download
+cache (checked against the registered content). The gate's own cases: tests/test_gate.py."""
 
 import json
 import os
@@ -17,7 +18,9 @@ from lingtune.artifacts import content_hash
 from lingtune.models import resolve as resolve_model
 from lingtune.register import promote, run_register
 from lingtune.errors import ModelError
+from lingtune.predictions import ScoredModel, write_validation
 from lingtune.registry import CONTENT_TAG, RegistryError, RegistryMissing, alias_version, cached_hash, client
+from test_gate import CHAMPION, answers_for
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
@@ -35,10 +38,23 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def write_metrics(path: Path, sentiment_f1: float, ner_f1: float) -> None:
+def write_metrics(path: Path, sentiment_f1: float, ner_f1: float, test: tuple[float, float] | None = None,
+                  variant: str = "sft", others: dict | None = None) -> None:
+    """reports/eval/metrics.json: `val/` (validation) scores, and test scores (the same unless `test` says)."""
+    test_s, test_n = test or (sentiment_f1, ner_f1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"base": {"sentiment.macro_f1": 0.3, "ner.f1": 0.0},
-                                "sft": {"sentiment.macro_f1": sentiment_f1, "ner.f1": ner_f1}}))
+    path.write_text(json.dumps({"base": {"sentiment.macro_f1": 0.3, "ner.f1": 0.0, "val/sentiment.macro_f1": 0.3,
+                                         "val/ner.f1": 0.0},
+                                variant: {"sentiment.macro_f1": test_s, "ner.f1": test_n,
+                                          "val/sentiment.macro_f1": sentiment_f1, "val/ner.f1": ner_f1},
+                                **(others or {})}))
+
+
+def write_answers(root: Path, **rows_of: list[dict]) -> None:
+    """reports/eval/validation/ as `lingtune evaluate` writes it: folder or content hash -> validation rows."""
+    scored = [ScoredModel(f"m{i}", key, content_hash(root / key) if (root / key).is_dir() else key, rows)
+              for i, (key, rows) in enumerate(rows_of.items())]
+    write_validation(root / "reports/eval/validation", "val.jsonl", scored)
 
 
 @pytest.fixture
@@ -55,7 +71,9 @@ def test_register_gate_and_load_by_alias(project, tiny_model_dir):
     root, params = project
     adapter = root / "models/sft"
     make_adapter(tiny_model_dir, adapter, seed=1)
+    v1 = content_hash(adapter)
     write_metrics(root / "reports/eval/metrics.json", 0.80, 0.40)
+    write_answers(root, **{v1: CHAMPION})
     first = run_register(params, log=lambda m: None)
     assert first["versions"] == {"sft": "1"} and first["candidate"] == "sft" and first["promoted"]
     assert "no champion yet" in first["reason"]
@@ -64,16 +82,18 @@ def test_register_gate_and_load_by_alias(project, tiny_model_dir):
     assert again["versions"] == {"sft": "1"} and not again["promoted"] and "already the champion" in again["reason"]
 
     make_adapter(tiny_model_dir, adapter, seed=2)
-    write_metrics(root / "reports/eval/metrics.json", 0.80, 0.405)  # better, but not by the 0.01 margin
-    worse = run_register(params, log=lambda m: None)
+    write_metrics(root / "reports/eval/metrics.json", 0.80, 0.405)
+    write_answers(root, **{v1: CHAMPION, "models/sft": answers_for((set(range(12)) - {0, 1}) | {40}, set(range(6)))})
+    worse = run_register(params, log=lambda m: None)  # ahead by one review in sixty: noise
     assert worse["versions"] == {"sft": "2"} and not worse["promoted"]
-    assert "not better by more than the margin 0.01" in worse["reason"]
+    assert "may be the validation set's noise" in worse["reason"]
     mlflow_client = client(params.tracking.uri)
     assert str(mlflow_client.get_model_version_by_alias("lingtune", "champion").version) == "1"
     assert str(mlflow_client.get_model_version_by_alias("lingtune", "candidate").version) == "2"
 
     make_adapter(tiny_model_dir, adapter, seed=3)
     write_metrics(root / "reports/eval/metrics.json", 0.85, 0.45)
+    write_answers(root, **{v1: CHAMPION, "models/sft": answers_for({0, 1}, {0})})
     better = run_register(params, log=lambda m: None)
     assert better["versions"] == {"sft": "3"} and better["promoted"] and better["champion_before"] == "1"
     assert str(mlflow_client.get_model_version_by_alias("lingtune", "champion").version) == "3"
@@ -92,6 +112,35 @@ def test_register_gate_and_load_by_alias(project, tiny_model_dir):
     assert content_hash(adapter) == version.tags["lingtune.content_sha256"]
     old = resolve_model("models:/lingtune/1", params.tracking.uri, str(root / "cache"))
     assert old.adapter.parent.name == "lingtune" and old.adapter.name == "1"
+
+
+def test_the_candidate_and_the_gate_read_the_validation_split_only(project, tiny_model_dir):
+    """Test-split scores that disagree with validation change neither the candidate nor the decision."""
+    root, params = project
+    params = params.model_copy(update={"register_": params.register_.model_copy(
+        update={"variants": {"sft": "models/sft", "rl": "models/rl"}})})
+    make_adapter(tiny_model_dir, root / "models/sft", seed=1)
+    make_adapter(tiny_model_dir, root / "models/rl", seed=2)
+    v1 = content_hash(root / "models/sft")
+    write_metrics(root / "reports/eval/metrics.json", 0.9, 0.6, test=(0.5, 0.2),
+                  others={"rl": {"sentiment.macro_f1": 0.99, "ner.f1": 0.99, "val/sentiment.macro_f1": 0.8,
+                                 "val/ner.f1": 0.5}})
+    write_answers(root, **{"models/sft": CHAMPION, "models/rl": answers_for(set(range(20)), set(range(9)))})
+    first = run_register(params, log=lambda m: None)
+    assert first["candidate"] == "sft" and first["promoted"]  # the best on validation, the worst on test
+    assert first["scores"] == {"sft": pytest.approx(0.75), "rl": pytest.approx(0.65)}
+
+    make_adapter(tiny_model_dir, root / "models/sft", seed=3)  # far ahead on test, level on validation
+    write_metrics(root / "reports/eval/metrics.json", 0.9, 0.6, test=(0.99, 0.99))
+    write_answers(root, **{v1: CHAMPION, "models/sft": CHAMPION})
+    level = run_register(params, log=lambda m: None)
+    assert level["candidate"] == "sft" and not level["promoted"] and "lead +0.0000" in level["reason"]
+
+    make_adapter(tiny_model_dir, root / "models/sft", seed=4)  # far behind on test, clearly ahead on validation
+    write_metrics(root / "reports/eval/metrics.json", 0.99, 0.9, test=(0.1, 0.1))
+    write_answers(root, **{v1: CHAMPION, "models/sft": answers_for(set(), set())})
+    ahead = run_register(params, log=lambda m: None)
+    assert ahead["promoted"] and ahead["champion"] == ahead["candidate_version"]
 
 
 def test_bad_registry_uris(project):
@@ -199,10 +248,13 @@ def test_registry_cache_serves_the_registered_content(project, tiny_model_dir):
 def test_promote_cli_gate_and_force(project, tiny_model_dir):
     root, params = project
     make_adapter(tiny_model_dir, root / "models/sft", seed=1)
+    v1 = content_hash(root / "models/sft")
     write_metrics(root / "reports/eval/metrics.json", 0.9, 0.5)
+    write_answers(root, **{v1: answers_for(set(), set())})
     run_register(params, log=lambda m: None)
     make_adapter(tiny_model_dir, root / "models/sft", seed=2)
     write_metrics(root / "reports/eval/metrics.json", 0.5, 0.1)
+    write_answers(root, **{v1: answers_for(set(), set()), "models/sft": CHAMPION})
     run_register(params, log=lambda m: None)
 
     def promote(*args):
@@ -210,7 +262,8 @@ def test_promote_cli_gate_and_force(project, tiny_model_dir):
                               text=True, cwd=root, timeout=300)
 
     refused = promote()
-    assert refused.returncode == 0 and "not promoted: candidate v2 scores 0.3000, champion v1 0.7000" in refused.stdout
+    assert refused.returncode == 0 and "not promoted: candidate v2 scores 0.8" in refused.stdout
+    assert "on validation, champion v1 1.0000: lead -0.1" in refused.stdout
     forced = promote("--version", "2", "--force")
     assert forced.returncode == 0 and "v2 is champion (forced" in forced.stdout
     missing = promote("--version", "9")
@@ -223,7 +276,8 @@ def test_lingtune_eval_loads_the_champion(project, tiny_model_dir, root):
     tmp, params = project
     make_adapter(tiny_model_dir, tmp / "models/sft", seed=1)
     write_metrics(tmp / "reports/eval/metrics.json", 0.8, 0.4)
-    run_register(params, log=lambda m: None)
+    write_answers(tmp, **{"models/sft": CHAMPION})
+    assert run_register(params, log=lambda m: None)["promoted"]
     result = subprocess.run([sys.executable, "-m", "lingtune.cli", "eval", "--model", "models:/lingtune@champion",
                              "--data", str(root / "tests/data/val.jsonl"), "--task", "sentiment", "--json"],
                             capture_output=True, text=True, cwd=tmp, timeout=900,

@@ -1,5 +1,6 @@
-"""Per-sample rewards, their weights and schedule, clipping, and consistency; the schedule through the real TRL
-trainers on the tiny model."""
+"""Per-sample rewards, their weights and schedule, clipping, and consistency (with its bootstrap interval); the
+schedule through the real TRL trainers on the tiny model. The NER reward cannot be gamed by listing entities
+twice or inventing them."""
 
 from __future__ import annotations
 
@@ -37,28 +38,63 @@ def test_sentiment_reward_is_per_sample_correctness_and_none_off_task():
     assert sentiment.__name__ == "sentiment"
 
 
-@pytest.mark.parametrize("answer,recall,f1", [
-    (ner_answer(("江泽民", "PER"), ("北京", "LOC"), ("李鹏", "PER")), 1.0, 1.0),
-    (ner_answer(("江泽民", "PER")), 1 / 3, 0.5),                        # stops after the first entity
-    (ner_answer(("江泽民", "PER"), ("北京", "ORG")), 1 / 3, 0.4),         # wrong type is a miss (strict)
-    (ner_answer(("江泽", "PER")), 0.0, 0.0),                             # partial span is a miss
-    (ner_answer(("江泽民", "PER"), ("上海", "LOC")), 1 / 3, 0.4),         # unlocatable entity: a false positive
-    ("江泽民", 0.0, 0.0),                                                 # not JSON
+EXACT = ner_answer(("江泽民", "PER"), ("北京", "LOC"), ("李鹏", "PER"))
+TWICE = ner_answer(("江泽民", "PER"), ("江泽民", "PER"), ("北京", "LOC"), ("北京", "LOC"), ("李鹏", "PER"), ("李鹏", "PER"))
+THRICE = ner_answer(*[pair for pair in (("江泽民", "PER"), ("北京", "LOC"), ("李鹏", "PER")) for _ in range(3)])
+INVENTED = ner_answer(("江泽民", "PER"), ("北京", "LOC"), ("李鹏", "PER"), ("朱镕基", "PER"))
+
+
+@pytest.mark.parametrize("answer,f1", [
+    (EXACT, 1.0),
+    (ner_answer(("江泽民", "PER")), 0.5),                                # stops after the first entity
+    (ner_answer(("江泽民", "PER"), ("北京", "ORG")), 0.4),               # wrong type is a miss (strict)
+    (ner_answer(("江泽", "PER")), 0.0),                                  # partial span is a miss
+    (ner_answer(("江泽民", "PER"), ("上海", "LOC")), 0.4),               # unlocatable entity: a false positive
+    (TWICE, 2 * 3 / (2 * 3 + 3)),                                        # every entity listed twice
+    (THRICE, 2 * 3 / (2 * 3 + 6)),                                       # ... three times
+    (INVENTED, 2 * 3 / (2 * 3 + 1)),                                     # a name that is not in the text
+    ("江泽民", 0.0),                                                      # not JSON
 ])
-def test_entity_recall_and_f1(answer, recall, f1):
+def test_entity_f1(answer, f1):
     from lingtune import tasks
 
     record = Record(text=TEXT, entities=tuple(GOLD))
-    assert tasks.get("ner").reward(record, answer, "recall") == pytest.approx(recall)
     assert tasks.get("ner").reward(record, answer, "f1") == pytest.approx(f1)
 
 
+def test_listing_entities_again_or_inventing_them_lowers_the_reward():
+    """What RL learned from a recall-only reward (the same entity two or three times) now costs it: per task
+    component and in the weighted reward TRL optimises (the rubric judge cannot tell a repeated list from the exact one)."""
+    record = Record(text=TEXT, entities=tuple(GOLD))
+    cfg = RewardConfig()
+    assert cfg.ner_metric == "f1"
+    answers = [EXACT, TWICE, THRICE, INVENTED]
+    n = len(answers)
+    parts = [fn(answers, task=["ner"] * n, text=[TEXT] * n, record=column(*[record] * n))
+             for fn in reward_functions(cfg, RubricJudge())]
+    for weights in (weights_at(cfg.weights_start, cfg.weights_end, 0.0), weights_at(cfg.weights_start, cfg.weights_end, 1.0)):
+        totals = [weighted_reward({c: parts[j][i] for j, c in enumerate(COMPONENTS)}, weights, cfg.clip) for i in range(n)]
+        exact, twice, thrice, invented = totals
+        assert parts[COMPONENTS.index("ner")][0] == 1.0
+        assert [parts[COMPONENTS.index("instruction")][i] for i in range(3)] == [1.0] * 3  # the judge sees no fault
+        assert exact > twice > thrice and exact > invented
+
+
+def test_recall_is_no_longer_a_reward_choice():
+    from lingtune import tasks
+
+    with pytest.raises(ValueError, match="ner_metric"):
+        parse_params({"reward": {"ner_metric": "recall"}})
+    with pytest.raises(ValueError, match="unknown NER reward metric"):
+        tasks.get("ner").reward(Record(text=TEXT, entities=tuple(GOLD)), TWICE, "recall")
+
+
 def test_ner_reward_function_and_empty_gold():
-    ner = task_reward_fn("ner", "recall")
+    ner = task_reward_fn("ner", "f1")
     gold, empty = Record(text=TEXT, entities=tuple(GOLD)), Record(text="今天天气好", entities=())
     out = ner([ner_answer(("北京", "LOC")), '{"entities": []}', ner_answer(("北京", "LOC")), '{"label": "positive"}'],
               task=["ner", "ner", "ner", "sentiment"], record=column(gold, empty, empty, Record(text="好", label="positive")))
-    assert out == [pytest.approx(1 / 3), 1.0, 0.0, None]
+    assert out == [pytest.approx(0.5), 1.0, 0.0, None]
     assert ner.__name__ == "ner"
 
 
@@ -171,3 +207,25 @@ def test_consistency_agreement_and_valid_rate():
     assert out["agreement"] == pytest.approx((0.75 + 0.5 + 0.5) / 3)
     assert out["valid_rate"] == pytest.approx(9 / 12)
     assert out["prompts"] == 3 and out["samples_per_prompt"] == 4
+
+
+def test_consistency_reports_a_bootstrap_interval_over_prompts():
+    """The interval holds the agreement, is reproducible, narrows with more prompts, and has no width when
+    every prompt agrees alike."""
+    def answers(prompts: int) -> list[list[str]]:  # half the prompts agree fully, half split 2:2
+        split = ['{"label": "positive"}'] * 2 + ['{"label": "negative"}'] * 2
+        return [['{"label": "positive"}'] * 4 if i % 2 else split for i in range(prompts)]
+
+    few = consistency(["sentiment"] * 8, answers(8), confidence=0.95, resamples=2000, seed=1)
+    many = consistency(["sentiment"] * 200, answers(200), confidence=0.95, resamples=2000, seed=1)
+    for out in (few, many):
+        interval = out["agreement_interval"]
+        assert out["agreement"] == pytest.approx(0.75) and interval["low"] < 0.75 < interval["high"]
+        assert interval["confidence"] == 0.95 and interval["method"] == "percentile bootstrap over prompts"
+    assert consistency(["sentiment"] * 8, answers(8), resamples=2000, seed=1) == few
+    width = {name: o["agreement_interval"]["high"] - o["agreement_interval"]["low"] for name, o in
+             (("few", few), ("many", many))}
+    assert width["many"] < width["few"] / 3
+    same = consistency(["sentiment"] * 5, [['{"label": "positive"}'] * 4] * 5)["agreement_interval"]
+    assert (same["low"], same["high"]) == (1.0, 1.0)
+    assert consistency([], [])["agreement_interval"]["low"] is None

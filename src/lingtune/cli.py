@@ -186,12 +186,15 @@ def eval_file(
     model: Optional[str] = typer.Option(None, "--model", help="model folder, LoRA adapter or models:/name@alias "
                                         "(default: the registry's champion, else the latest trained variant)"),
     free: bool = typer.Option(False, "--free", help="free decoding instead of constrained"),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="write one JSON line per example: "
+                                               "gold, predicted, and what was missed, spurious or of the wrong type"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     params: Path = ParamsOption,
 ) -> None:
-    """Evaluate a model on any file: sentiment accuracy/macro-F1 or NER strict-span P/R/F1."""
+    """Evaluate a model on any file: sentiment accuracy/macro-F1 or NER strict-span P/R/F1. Keys the neutral
+    format does not define (a `sector` column) are ignored, and named on stderr."""
     from lingtune import tasks
-    from lingtune.formats import read_jsonl
+    from lingtune.formats import read_jsonl, read_user_jsonl
     from lingtune.data.overlap import overlap_report
     from lingtune.evaluate.run import default_model, engine_config, evaluate_file
     from lingtune.models import resolve
@@ -203,11 +206,12 @@ def eval_file(
     ref = resolve(model, cfg.tracking.uri, cfg.register_.cache_dir)
     train = Path(cfg.data.out_dir) / "train.jsonl"
     if train.is_file():
-        report = overlap_report(read_jsonl(train), read_jsonl(data, task=task))
+        report = overlap_report(read_jsonl(train), read_user_jsonl(data, task=task).records)
         if report.exact or report.ngram_contaminated:
             typer.echo(f"warning: {report.exact} of {report.eval} texts are in {train} and "
                        f"{report.ngram_contaminated} share >= {report.threshold:.0%} of their 8-grams with it", err=True)
-    metrics = evaluate_file(ref, data, task, constrained=not free, engine_cfg=engine_config(cfg))
+    metrics = evaluate_file(ref, data, task, constrained=not free, engine_cfg=engine_config(cfg),
+                            predictions=predictions, log=lambda m: typer.echo(m, err=True))
     metrics.pop("confusion", None)
     if as_json:
         _print_json(metrics)
@@ -243,11 +247,15 @@ def data_overlap(
     threshold: float = typer.Option(0.5, help="share of n-grams seen in train that marks a text"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Exact and n-gram overlap between two files in the neutral format."""
-    from lingtune.formats import read_jsonl
+    """Exact and n-gram overlap between two files in the neutral format (keys of the second file that the
+    format does not define are ignored, and named on stderr)."""
+    from lingtune.formats import describe_ignored, read_jsonl, read_user_jsonl
     from lingtune.data.overlap import overlap_report, overlap_text
 
-    report = overlap_report(read_jsonl(train), read_jsonl(evaluation), n=n, threshold=threshold)
+    checked = read_user_jsonl(evaluation)
+    if note := describe_ignored(evaluation, checked.ignored):
+        typer.echo(f"note: {note}", err=True)
+    report = overlap_report(read_jsonl(train), checked.records, n=n, threshold=threshold)
     _print_json(report.as_dict()) if as_json else typer.echo(overlap_text(report))
 
 

@@ -189,7 +189,7 @@ class EvaluateConfig(_Section):
     constrained: bool = True
     """Constrained decoding (choice for sentiment, the answer format's regex for NER)."""
     max_examples: int = Field(0, ge=0)
-    """Per task, from the test split; 0 = all."""
+    """Per task, from the test and the validation split each; 0 = all."""
     max_tokens_ner: int = Field(256, ge=16)
     max_model_len: int = Field(640, ge=64)
     max_lora_rank: int = Field(8, ge=1)
@@ -241,13 +241,19 @@ class RewardConfig(_Section):
     weights_start: RewardWeights = RewardWeights()
     weights_end: RewardWeights = RewardWeights(sentiment=0.4, ner=0.4, instruction=0.2)
     """Weights move linearly from start to end over the RL run (the dynamic ratio)."""
-    ner_metric: Literal["recall", "f1"] = "recall"
+    ner_metric: Literal["f1"] = "f1"
+    """The NER component: per-answer strict F1, so an entity listed twice or a span that is not in the text
+    lowers the reward. Recall alone was dropped: RL learned to list names two or three times for it."""
     clip: tuple[float, float] = (0.0, 1.0)
     """Range the weighted reward is clipped to before the KL penalty and the baseline (TRL reward_clip_range)."""
     prompts_per_task: int = Field(16, ge=1)
     """Prompts per task from the validation split, for the reward stage and the consistency check."""
     samples: int = Field(4, ge=2)
     """Answers sampled per prompt; consistency = agreement among them."""
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    """Level of the consistency's bootstrap interval (resampling the prompts)."""
+    bootstrap_samples: int = Field(1000, ge=100)
+    """Resamples behind that interval."""
     temperature: float = Field(1.0, gt=0.0)
     max_new_tokens: int = Field(96, ge=8)
     threads: int = Field(2, ge=0)
@@ -391,9 +397,18 @@ class RegisterConfig(_Section):
     candidate: str = "best"
     """Variant that gets the candidate alias: a name from `variants`, or `best` (highest gate score)."""
     gate_metrics: list[str] = ["sentiment.macro_f1", "ner.f1"]
-    """Keys of reports/eval/metrics.json; the gate score is their mean."""
-    margin: float = Field(0.005, ge=0.0)
-    """The candidate becomes champion only if its score beats the champion's by more than this."""
+    """`task.metric` names; the gate score is their mean on the VALIDATION split (`val/<name>` in
+    reports/eval/metrics.json, recomputed from `validation_dir` for the gate). The test split only reports."""
+    margin: float = Field(0.0, ge=0.0)
+    """The candidate becomes champion only if the lower bound of the confidence interval of its gate-score
+    lead over the champion is above this (0: better beyond the validation set's noise)."""
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    """Level of that interval (two-sided, paired bootstrap over the validation examples)."""
+    bootstrap_samples: int = Field(2000, ge=100)
+    """Resamples of the validation examples behind the interval."""
+    validation_dir: str = "reports/eval/validation"
+    """The evaluate stage's per-example validation answers of every variant and of the champion it found
+    (`index.json` names each model's content hash): what the gate compares, example by example."""
     candidate_alias: str = "candidate"
     champion_alias: str = "champion"
     eval_metrics: str = "reports/eval/metrics.json"

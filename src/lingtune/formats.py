@@ -10,6 +10,10 @@ Labels and types may be spelled as users and corpora do (正面, pos, 1, PERSON,
 alias table (lingtune.tasks) maps them to the canonical ones on read; the task then checks the values.
 Optional keys: ``id``, ``task`` (inferred from ``label``/``entities`` when absent), ``source``.
 The processed splits of the prepare stage are files in this format with both tasks mixed.
+
+`read_jsonl` refuses any other key: the pipeline's own files must hold exactly this format (a typo
+would otherwise vanish). A user's file to evaluate often carries columns of its own (`sector`, `url`):
+`read_user_jsonl` drops those and says which it dropped.
 Conversions both ways: to/from chat messages (the training template, lingtune.tasks) and,
 for NER, to/from character-level BIO lines (CoNLL style: ``char<TAB>tag``, blank line between
 sentences).
@@ -18,6 +22,8 @@ sentences).
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -68,18 +74,66 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[str, str]]:
                 yield f"{path}:{number}", line
 
 
-def read_jsonl(path: str | Path, task: str | None = None) -> list[Record]:
-    """Read and validate a neutral-format file; with `task`, keep that task's records only."""
+RECORD_KEYS = frozenset(Record.model_fields)
+ENTITY_KEYS = frozenset(Entity.model_fields)
+
+
+@dataclass
+class UserFile:
+    records: list[Record]
+    ignored: Counter = field(default_factory=Counter)
+    """Key -> records that carried it, for keys the neutral format does not define (`entities[].x`
+    for a key inside an entity)."""
+
+
+def drop_unknown_keys(raw: object, ignored: Counter) -> object:
+    """`raw` without the keys the neutral format does not define, each counted once per record in `ignored`."""
+    if not isinstance(raw, dict):
+        return raw
+    extra = set(raw) - RECORD_KEYS
+    kept = {k: v for k, v in raw.items() if k in RECORD_KEYS}
+    if isinstance(kept.get("entities"), list):
+        extra |= {f"entities[].{k}" for e in kept["entities"] if isinstance(e, dict) for k in set(e) - ENTITY_KEYS}
+        kept["entities"] = [{k: v for k, v in e.items() if k in ENTITY_KEYS} if isinstance(e, dict) else e
+                            for e in kept["entities"]]
+    ignored.update(extra)
+    return kept
+
+
+def _read(path: str | Path, task: str | None, ignored: Counter | None) -> list[Record]:
     records = []
     for where, line in numbered_lines(path):
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
             raise FormatError(f"{where}: not JSON ({exc.msg})") from None
+        if ignored is not None:
+            raw = drop_unknown_keys(raw, ignored)
         record = parse_record(align_labels(raw), where)
         if task is None or record.task == task:
             records.append(record)
     return records
+
+
+def read_jsonl(path: str | Path, task: str | None = None) -> list[Record]:
+    """Read and validate a neutral-format file, strictly (an unknown key is an error); with `task`, keep
+    that task's records only."""
+    return _read(path, task, None)
+
+
+def read_user_jsonl(path: str | Path, task: str | None = None) -> UserFile:
+    """`read_jsonl` for a file a user brings to evaluate: keys the format does not define are dropped and
+    counted, not refused; everything else is checked as strictly."""
+    ignored: Counter = Counter()
+    return UserFile(_read(path, task, ignored), ignored)
+
+
+def describe_ignored(path: str | Path, ignored: Counter) -> str | None:
+    """One line naming the dropped keys and how many records carried each; None when there were none."""
+    if not ignored:
+        return None
+    keys = ", ".join(f"{key} ({count} record{'s' if count > 1 else ''})" for key, count in sorted(ignored.items()))
+    return f"{path}: ignored keys the neutral format does not use: {keys}"
 
 
 def write_jsonl(path: str | Path, records: Iterable[Record]) -> int:

@@ -1,6 +1,7 @@
 """DVC stage `register`: every trained variant into the MLflow model registry, with lineage and a
-model card; the `candidate` alias on the chosen one, and a gate that moves `champion` to it only
-when its evaluation beats the champion's by `register.margin`.
+model card; the `candidate` alias on the chosen one (by validation score), and a gate that moves
+`champion` to it only when it beats the champion on the validation split beyond that split's noise
+(lingtune.gate; the test split only reports).
 
 * Adapter-only: a LoRA version holds the adapter folder (a few MB) and names its base in the
   `lingtune.base_model` tag; the base is never copied into a version. The INT4 model has no
@@ -18,24 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from lingtune.artifacts import content_hash, write_json
-from lingtune.config import RegisterConfig
 from lingtune.errors import ModelError, RegistryMissing, StageError
+from lingtune.gate import GateDecision, gate, gate_score, pick_candidate
 from lingtune.models import is_adapter, is_model, recorded_base
 from lingtune.registry import CONTENT_TAG, alias_version, client, ensure_model, get_version, set_alias, store_exists
-
-
-@dataclass
-class GateDecision:
-    promoted: bool
-    reason: str
-    candidate: str
-    champion_before: str | None
 
 
 def dvc_hashes(lock_file: Path) -> dict[str, str]:
@@ -49,12 +41,6 @@ def dvc_hashes(lock_file: Path) -> dict[str, str]:
 
 def params_sha256(params) -> str:
     return hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-
-def gate_score(metrics: dict, keys: list[str]) -> float | None:
-    """Mean of the gate metrics; None when any is missing (that variant was not evaluated)."""
-    values = [metrics.get(key) for key in keys]
-    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def lineage_tags(params, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
@@ -96,7 +82,7 @@ Chinese sentiment classification and NER (PER/LOC/ORG) in one chat model, answer
   (dvc md5 `{tags.get('data.train_md5')}`)
 - **Lineage:** git `{tags.get('git_commit', 'unknown')}`, params sha256 `{tags['params_sha256'][:12]}`
 
-## Test-split evaluation (reports/eval/metrics.json)
+## Evaluation (reports/eval/metrics.json: test split; `val/`: validation split)
 
 | metric | value |
 |---|---:|
@@ -109,44 +95,6 @@ lingtune eval --model models:/{name}@champion --data mine.jsonl --task ner   # a
 # params.yaml: serve.model: models:/{name}@champion, then `bentoml serve`
 ```
 """
-
-
-def pick_candidate(cfg: RegisterConfig, scores: dict[str, float | None]) -> str | None:
-    if cfg.candidate != "best":
-        return cfg.candidate if cfg.candidate in scores else None
-    scored = {name: s for name, s in scores.items() if s is not None}
-    return max(scored, key=scored.get) if scored else None
-
-
-def gate(mlflow_client, cfg: RegisterConfig, candidate_version: str) -> GateDecision:
-    """Move `champion` to the candidate only when its gate score beats the champion's by the margin."""
-    name = cfg.model_name
-    cand = get_version(mlflow_client, name, version=candidate_version)
-    champ = alias_version(mlflow_client, name, cfg.champion_alias)
-    cand_score = gate_score(_eval(cand.tags), cfg.gate_metrics)
-    before = str(champ.version) if champ else None
-    if cand_score is None:
-        return GateDecision(False, f"v{cand.version} has no evaluation of {cfg.gate_metrics}; champion unchanged",
-                            str(cand.version), before)
-    if champ is None:
-        set_alias(mlflow_client, name, cfg.champion_alias, cand.version)
-        return GateDecision(True, f"no champion yet: v{cand.version} (score {cand_score:.4f}) becomes champion",
-                            str(cand.version), None)
-    if str(champ.version) == str(cand.version):
-        return GateDecision(False, f"v{cand.version} is already the champion", str(cand.version), before)
-    champ_score = gate_score(_eval(champ.tags), cfg.gate_metrics)
-    if champ_score is not None and cand_score <= champ_score + cfg.margin:
-        return GateDecision(False, f"candidate v{cand.version} scores {cand_score:.4f}, champion v{champ.version} "
-                            f"{champ_score:.4f}: not better by more than the margin {cfg.margin}; champion unchanged",
-                            str(cand.version), before)
-    set_alias(mlflow_client, name, cfg.champion_alias, cand.version)
-    was = "has no score" if champ_score is None else f"{champ_score:.4f}"
-    return GateDecision(True, f"candidate v{cand.version} ({cand_score:.4f}) beats champion v{champ.version} ({was}) "
-                        f"by more than {cfg.margin}: v{cand.version} is champion", str(cand.version), before)
-
-
-def _eval(tags: dict) -> dict[str, float]:
-    return {k[5:]: float(v) for k, v in tags.items() if k.startswith("eval.") and k != "eval.gate_score"}
 
 
 def register_folder(mlflow_client, run, name: str, variant: str, folder: Path, tags: dict, card: str) -> tuple[str, bool]:
@@ -196,7 +144,7 @@ def run_register(params, log=lambda m: print(m, file=sys.stderr, flush=True)) ->
         raise StageError(f"register.candidate {cfg.candidate!r}: no registered variant with {cfg.gate_metrics} "
                          f"in {metrics_file} (registered: {sorted(versions)})")
     set_alias(mlflow_client, cfg.model_name, cfg.candidate_alias, versions[chosen])
-    decision = gate(mlflow_client, cfg, versions[chosen])
+    decision = gate(mlflow_client, cfg, versions[chosen], params.seed)
     champion = alias_version(mlflow_client, cfg.model_name, cfg.champion_alias)
     result = {"model": cfg.model_name, "versions": versions, "scores": scores, "candidate": chosen,
               "candidate_version": versions[chosen], "promoted": decision.promoted, "reason": decision.reason,
@@ -218,7 +166,7 @@ def promote(params, version: str | None = None, force: bool = False) -> GateDeci
                                   "run `lingtune register` or pass --version")
         version = str(found.version)
     if not force:
-        return gate(mlflow_client, cfg, version)
+        return gate(mlflow_client, cfg, version, params.seed)
     before = alias_version(mlflow_client, cfg.model_name, cfg.champion_alias)
     get_version(mlflow_client, cfg.model_name, version=version)
     set_alias(mlflow_client, cfg.model_name, cfg.champion_alias, version)

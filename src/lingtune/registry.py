@@ -197,7 +197,10 @@ def _download(what: str, uri: str, target: Path, record: dict, tracking_uri: str
 
     with publishing(target) as partial:
         with registry_errors(what):
-            # models:/name/N puts the version's files straight into dst_path, wherever its source lives
+            # models:/name/N puts the version's files straight into dst_path, wherever its source lives. MLflow
+            # looks the version up in the process's global registry, whatever tracking_uri (or registry_uri) says:
+            # without this, a stage that has not yet set its store would search ./mlflow.db (MLflow's default)
+            mlflow.set_registry_uri(tracking_uri)
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(partial), tracking_uri=tracking_uri)
         expected = record["content_sha256"]
         if expected and (got := content_hash(partial)) != expected:

@@ -1,4 +1,11 @@
-"""Scoring generated answers, `lingtune eval` on any file, and the DVC stage `evaluate`."""
+"""Scoring generated answers, `lingtune eval` on any file, and the DVC stage `evaluate`.
+
+The stage scores every variant on the test split (the table: test numbers only report) and on the
+validation split (`val/` keys in metrics.json, and each example's answer in `validation/`, which the
+registry gate compares; lingtune.gate). The registry's champion is scored on validation too when its
+content is none of the variants' (a version from an earlier run), so the gate compares the candidate
+with it on the same examples.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lingtune import tasks
-from lingtune.artifacts import write_json, write_text
+from lingtune.artifacts import content_hash, write_json, write_jsonl, write_text
 from lingtune.config import CostConfig
-from lingtune.formats import read_jsonl
 from lingtune.errors import DataError
+from lingtune.formats import describe_ignored, read_jsonl, read_user_jsonl
 from lingtune.models import ModelRef, folder_ref
+from lingtune.predictions import ScoredModel, example_rows, write_validation
 from lingtune.records import Record
+
+VAL = "val/"
+"""Prefix of validation-split metrics in metrics.json and MLflow (test metrics have none / `test/`)."""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def score(task: str, records: list[Record], answers: list[str]) -> dict:
@@ -48,11 +63,16 @@ def default_model(params) -> str:
 
 
 def evaluate_file(ref: ModelRef, data: Path, task: str, constrained: bool = True, engine=None,
-                  engine_cfg=None) -> dict:
+                  engine_cfg=None, predictions: Path | None = None, log=_stderr) -> dict:
+    """`lingtune eval`: a user's file, whose keys beyond the neutral format are dropped (and named in the
+    log); with `predictions`, one error-analysis line per example goes there (lingtune.predictions)."""
     from lingtune.evaluate.engine import Engine, EngineConfig
 
     tasks.get(task)  # an unknown task fails before the engine starts
-    records = read_jsonl(data, task=task)
+    loaded = read_user_jsonl(data, task=task)
+    if note := describe_ignored(data, loaded.ignored):
+        log(f"note: {note}")
+    records = loaded.records
     if not records:
         raise DataError(f"{data}: no {task} records")
     engine = engine or Engine(ref.base, engine_cfg or EngineConfig(), enable_lora=ref.adapter is not None)
@@ -61,6 +81,9 @@ def evaluate_file(ref: ModelRef, data: Path, task: str, constrained: bool = True
     metrics = score(task, records, answers)
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["constrained"] = constrained
+    if predictions is not None:
+        write_jsonl(predictions, example_rows(records, answers))
+        log(f"predictions: {len(records)} lines in {predictions}")
     return metrics
 
 
@@ -111,18 +134,23 @@ def comparison_table(results: dict, costs: dict[str, float] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def summarise(results: dict, cost: CostConfig, gpus: int) -> dict:
-    """metrics.json: per variant, every numeric metric as `task.key`, plus the `compute_hours` and
-    `cost_usd` of its generation and scoring (the sum of its tasks' seconds; the engine's start-up,
-    shared by the variants, is in the stage run's cost only)."""
+def summarise(results: dict, cost: CostConfig, gpus: int, validation: dict | None = None) -> dict:
+    """metrics.json: per variant, every numeric test metric as `task.key` and validation metric as
+    `val/task.key`, plus the `compute_hours` and `cost_usd` of its generation and scoring on both splits
+    (the sum of the seconds; the engine's start-up, shared by the variants, is in the stage run's cost only)."""
     from lingtune.tracking import run_cost
 
     summary = {}
     for name, r in results.items():
-        seconds = sum(m["seconds"] for m in r.values())
-        summary[name] = {**{f"{task}.{k}": v for task, m in r.items() for k, v in m.items()
-                            if isinstance(v, (int, float))}, **run_cost(cost, seconds, gpus)}
+        val = (validation or {}).get(name, {})
+        seconds = sum(m["seconds"] for m in (*r.values(), *val.values()))
+        summary[name] = {**_flat(r), **_flat(val, VAL), **run_cost(cost, seconds, gpus)}
     return summary
+
+
+def _flat(per_task: dict, prefix: str = "") -> dict:
+    return {f"{prefix}{task}.{k}": v for task, m in per_task.items() for k, v in m.items()
+            if isinstance(v, (int, float))}
 
 
 def write_plots(results: dict, out_dir: Path) -> None:
@@ -144,62 +172,139 @@ def write_plots(results: dict, out_dir: Path) -> None:
                 write_text(out_dir / "ner_per_type" / f"{name}.csv", "\n".join(bars) + "\n")
 
 
+def split_records(path: Path, limit: int) -> dict[str, list[Record]]:
+    """Each task's records of a split, the first `limit` of each (0: all)."""
+    return {task: read_jsonl(path, task=task)[: limit or None] for task in tasks.TASKS}
+
+
+def runnable(found: dict[str, Variant]) -> tuple[dict[str, Variant], dict[str, str]]:
+    """The variants vLLM can run here, and the reason for each it cannot (said in the log and in the table)."""
+    from lingtune.models import unsupported_here
+
+    skipped = {name: reason for name, v in found.items() if (reason := unsupported_here(v.ref.base))}
+    for name, reason in skipped.items():
+        _stderr(f"evaluate {name}: skipped: {reason}")
+    return {name: v for name, v in found.items() if name not in skipped}, skipped
+
+
+class Engines:
+    """One vLLM engine per base model, started on first use, with LoRA support only where some model
+    on that base is an adapter."""
+
+    def __init__(self, cfg, refs: list[ModelRef]):
+        self.cfg, self.lora = cfg, {str(r.base) for r in refs if r.adapter is not None}
+        self.started: dict[str, object] = {}
+
+    def get(self, ref: ModelRef):
+        from lingtune.evaluate.engine import Engine
+
+        key = str(ref.base)
+        if key not in self.started:
+            self.started[key] = Engine(ref.base, self.cfg, enable_lora=key in self.lora)
+        return self.started[key]
+
+
+def run_split(engines: Engines, label: str, ref: ModelRef, records: dict[str, list[Record]],
+              constrained: bool) -> tuple[dict, list[dict]]:
+    """A model's metrics per task (with the seconds generation and scoring took) and one row per example."""
+    metrics, rows = {}, []
+    for task, recs in records.items():
+        started = time.time()
+        answers = engines.get(ref).generate(recs, adapter=ref.adapter, constrained=constrained)
+        metrics[task] = {**score(task, recs, answers), "seconds": round(time.time() - started, 1)}
+        rows += example_rows(recs, answers)
+        _stderr(f"evaluate {label} {task}: {len(recs)} examples in {metrics[task]['seconds']:.0f} s")
+    return metrics, rows
+
+
+def model_hash(ref: ModelRef) -> str:
+    """The content hash `lingtune register` tags a version of this folder with."""
+    return content_hash(ref.adapter or ref.base)
+
+
+@dataclass
+class Champion:
+    ref: ModelRef
+    uri: str
+    version: str
+    content_sha256: str
+
+
+def champion_to_score(params, scored_hashes: set[str]) -> Champion | None:
+    """The registry's champion, to score on validation beside the variants; None when there is none, when
+    its content is a variant's (scored already), or when it cannot be scored here (the gate then says so)."""
+    from lingtune.models import resolve, unsupported_here
+    from lingtune.registry import CONTENT_TAG, alias_version, client, store_exists
+
+    reg, uri = params.register_, params.tracking.uri
+    found = alias_version(client(uri), reg.model_name, reg.champion_alias) if store_exists(uri) else None
+    if found is None or found.tags.get(CONTENT_TAG) in scored_hashes:
+        return None
+    label = f"champion v{found.version}"
+    if not found.tags.get(CONTENT_TAG):  # the gate finds answers by this tag: without it they would go unused
+        _stderr(f"evaluate {label}: skipped: the version has no {CONTENT_TAG} tag")
+        return None
+    spec = f"models:/{reg.model_name}/{found.version}"  # the version looked up, even if the alias moves meanwhile
+    ref = resolve(spec, uri, reg.cache_dir)
+    if reason := unsupported_here(ref.base):
+        _stderr(f"evaluate {label}: skipped: {reason}")
+        return None
+    return Champion(ref, spec, str(found.version), found.tags[CONTENT_TAG])
+
+
 def run_evaluate(params) -> dict:
-    """DVC stage `evaluate`: every variant on the held-back test split, one vLLM engine for all
-    variants that share the backbone (LoRA adapters are applied per request)."""
-    from lingtune.evaluate.engine import Engine, gpus, unsupported_here
+    """DVC stage `evaluate`: every variant on the held-back test split and on the validation split, and
+    the registry's champion on validation (module docstring)."""
+    from lingtune.evaluate.engine import gpus
     from lingtune.tracking import run_cost
 
     started = time.time()
     cfg = params.evaluate
-    test = Path(params.data.out_dir) / "test.jsonl"
-    records = {task: read_jsonl(test, task=task)[: cfg.max_examples or None] for task in tasks.TASKS}
-    engine_cfg = engine_config(params)
-    found, skipped = variants(params), {}
-    for name, variant in list(found.items()):
-        if reason := unsupported_here(variant.ref.base):  # said in the log and in details.json, not hidden
-            print(f"evaluate {name}: skipped: {reason}", file=sys.stderr, flush=True)
-            skipped[name] = reason
-            del found[name]
-    results, engines = {}, {}
+    test, val = (split_records(Path(params.data.out_dir) / f"{split}.jsonl", cfg.max_examples)
+                 for split in ("test", "val"))
+    found, skipped = runnable(variants(params))
+    hashes = {name: model_hash(v.ref) for name, v in found.items()}
+    champion = champion_to_score(params, set(hashes.values()))
+    engines = Engines(engine_config(params), [v.ref for v in found.values()] + ([champion.ref] if champion else []))
+    results, validation, scored = {}, {}, []
     for name, variant in found.items():
-        ref = variant.ref
-        key = str(ref.base)
-        if key not in engines:  # LoRA support only where some variant on this base needs it
-            needs_lora = any(v.ref.adapter is not None for v in found.values() if str(v.ref.base) == key)
-            engines[key] = Engine(ref.base, engine_cfg, enable_lora=needs_lora)
-        engine = engines[key]
-        results[name] = {}
-        for task, recs in records.items():
-            started = time.time()
-            answers = engine.generate(recs, adapter=ref.adapter, constrained=cfg.constrained)
-            results[name][task] = {**score(task, recs, answers), "seconds": round(time.time() - started, 1)}
-            print(f"evaluate {name} {task}: {len(recs)} examples in {results[name][task]['seconds']:.0f} s",
-                  file=sys.stderr, flush=True)
+        results[name], _ = run_split(engines, name, variant.ref, test, cfg.constrained)
+        validation[name], rows = run_split(engines, f"{name} validation", variant.ref, val, cfg.constrained)
+        scored.append(ScoredModel(name, str(variant.ref.adapter or variant.ref.base), hashes[name], rows))
+    if champion:
+        _, rows = run_split(engines, f"champion v{champion.version} validation", champion.ref, val, cfg.constrained)
+        scored.append(ScoredModel("champion", champion.uri, champion.content_sha256, rows, champion.version))
     out = Path(cfg.out_dir)
+    summary = summarise(results, params.cost, gpus(), validation)
+    write_reports(out, results, summary, skipped)
+    write_validation(out / "validation", str(Path(params.data.out_dir) / "val.jsonl"), scored)
+    log_to_mlflow(params, found, summary, out, run_cost(params.cost, time.time() - started, gpus()))
+    return results
+
+
+def write_reports(out: Path, results: dict, summary: dict, skipped: dict[str, str]) -> None:
+    """metrics.json (both splits), details.json, table.md and the plots (the test split)."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(results, params.cost, gpus())
     write_json(out / "metrics.json", summary)
     write_json(out / "details.json", results)
     costs = {name: m["cost_usd"] for name, m in summary.items()}
     write_text(out / "table.md", comparison_table(results, costs) + "".join(
         f"\nNot evaluated on this machine: {name} ({reason}).\n" for name, reason in skipped.items()))
     write_plots(results, out)
-    log_to_mlflow(params, found, summary, out, run_cost(params.cost, time.time() - started, gpus()))
-    return results
 
 
 def log_to_mlflow(params, found: dict, summary: dict, out: Path, cost: dict[str, float]) -> None:
-    """One run per variant: the run that trained it (metrics under `test/`, so `test/cost_usd` sits beside
-    the training's own `cost_usd`), or a run of its own for the base model; plus the stage's run holding
-    the comparison table and plots, with the whole stage's `cost` (`compute_hours`, `cost_usd`)."""
+    """One run per variant: the run that trained it (test metrics under `test/`, so `test/cost_usd` sits
+    beside the training's own `cost_usd`; validation metrics under `val/`), or a run of its own for the
+    base model; plus the stage's run holding the comparison table and plots, with the whole stage's
+    `cost` (`compute_hours`, `cost_usd`)."""
     import mlflow
 
     from lingtune.tracking import stage_run
 
     mlflow.set_tracking_uri(params.tracking.uri)
     for name, variant in found.items():
-        metrics = {f"test/{k}": v for k, v in summary[name].items()}
+        metrics = {k if k.startswith(VAL) else f"test/{k}": v for k, v in summary[name].items()}
         tags = {"lingtune.variant": name}
         if variant.training_run_id and _run_exists(params.tracking.uri, variant.training_run_id):
             with mlflow.start_run(run_id=variant.training_run_id):

@@ -119,6 +119,16 @@ class Task(ABC):
         """Scores of answers against gold; an answer that does not parse counts as wrong."""
 
     @abstractmethod
+    def explain(self, record: Record, answer: str) -> dict:
+        """One example for error analysis (`lingtune eval --predictions`): `valid`, `gold`, `predicted`
+        and what went wrong; also everything `resampled_metrics` reads back."""
+
+    @abstractmethod
+    def resampled_metrics(self, rows: list[dict], weights) -> dict:
+        """The summary metrics of `metrics` for every bootstrap resample of the examples `rows` (their
+        `explain` dicts, as read back from JSON); row b of `weights` counts how often each is drawn."""
+
+    @abstractmethod
     def reward(self, record: Record, answer: str, metric: str) -> float:
         """Per-answer reward in [0, 1] (RL); an unparsable answer scores 0."""
 
@@ -198,6 +208,17 @@ class ClassificationTask(Task):
         from lingtune.tasks.scores import classification_metrics
 
         return classification_metrics([r.label for r in records], [self.parse(a).label for a in answers], self.labels)
+
+    def explain(self, record: Record, answer: str) -> dict:
+        parsed = self.parse(answer)
+        row = {"valid": parsed.valid, "gold": record.label, "predicted": parsed.label,
+               "correct": parsed.label == record.label}
+        return {**row, "error": parsed.error} if parsed.error else row
+
+    def resampled_metrics(self, rows: list[dict], weights) -> dict:
+        from lingtune.tasks.scores import classification_resampled
+
+        return classification_resampled([r["gold"] for r in rows], [r["predicted"] for r in rows], self.labels, weights)
 
     def reward(self, record: Record, answer: str, metric: str) -> float:
         return float(self.parse(answer).label == record.label)

@@ -56,6 +56,28 @@ def locate_entities(text: str, entities: list[tuple[str, str]]) -> tuple[list[En
     return located, unlocated
 
 
+def compare_spans(gold: list[SpanKey], predicted: list[SpanKey]) -> tuple[Counter, Counter, Counter, list]:
+    """Strict matching as the metrics count it (multisets): hits, gold spans missed, predicted spans
+    that match nothing, and, taken out of the last two, (gold, predicted) pairs at the same characters
+    that differ only in type (each still counts as one miss and one false positive)."""
+    g, p = Counter(gold), Counter(predicted)
+    hits = g & p
+    missed, spurious = g - hits, p - hits
+    wrong_type = []
+    for span in sorted(spurious.elements()):
+        same_place = next((s for s in sorted(missed) if s[:2] == span[:2] and missed[s] > 0), None)
+        if same_place is not None:
+            wrong_type.append((same_place, span))
+            missed[same_place] -= 1
+            spurious[span] -= 1
+    return hits, +missed, +spurious, wrong_type
+
+
+def _entity(text: str, span: SpanKey) -> dict:
+    start, end, etype = span
+    return {"text": text[start:end], "type": etype, "start": start, "end": end}
+
+
 class Ner(Task):
     name = "ner"
     title = "命名实体识别"
@@ -122,24 +144,44 @@ class Ner(Task):
         return span_metrics([self.gold_spans(r) for r in records],
                             [self.predicted_spans(r.text, a) for r, a in zip(records, answers)], self.types)
 
-    def reward(self, record: Record, answer: str, metric: str) -> float:
-        """Strict span-and-type recall (or F1) of one answer; a sentence without gold entities scores
-        1 for an empty answer, else 0."""
+    def explain(self, record: Record, answer: str) -> dict:
+        """Gold and predicted entities with offsets, and which were `missed`, `spurious` (an entity whose
+        text is not in the input, or not at that place, has no offsets) or of the `wrong_type`; `tp`,
+        `fp`, `fn` as the strict metrics count them (an invalid answer predicts nothing)."""
         parsed = self.parse(answer)
-        if not parsed.valid:
+        text = record.text
+        located, unlocated = locate_entities(text, parsed.entities)
+        gold = self.gold_spans(record)
+        hits, missed, spurious, wrong = compare_spans(gold, [(e.start, e.end, e.type) for e in located])
+        nowhere = [{"text": t, "type": k, "start": None, "end": None} for t, k in unlocated]
+        row = {"valid": parsed.valid, "gold": [_entity(text, s) for s in gold],
+               "predicted": [_entity(text, (e.start, e.end, e.type)) for e in located] + nowhere,
+               "missed": [_entity(text, s) for s in sorted(missed.elements())],
+               "spurious": [_entity(text, s) for s in sorted(spurious.elements())] + nowhere,
+               "wrong_type": [{"text": text[g[0]:g[1]], "start": g[0], "end": g[1], "gold_type": g[2],
+                               "predicted_type": p[2]} for g, p in wrong],
+               "tp": sum(hits.values()), "fp": sum(spurious.values()) + len(wrong) + len(unlocated),
+               "fn": sum(missed.values()) + len(wrong)}
+        return {**row, "error": parsed.error} if parsed.error else row
+
+    def resampled_metrics(self, rows: list[dict], weights) -> dict:
+        from lingtune.tasks.scores import span_resampled
+
+        return span_resampled([r["tp"] for r in rows], [r["fp"] for r in rows], [r["fn"] for r in rows],
+                              [not r["valid"] for r in rows], weights)
+
+    def reward(self, record: Record, answer: str, metric: str) -> float:
+        """Strict span-and-type F1 of one answer, so precision counts: an entity listed twice or a span
+        that is not in the text lowers it (a recall-only reward paid RL for listing names two or three
+        times). A sentence without gold entities scores 1 for an empty answer, else 0."""
+        if metric != "f1":
+            raise ValueError(f"unknown NER reward metric {metric!r} (lingtune has f1)")
+        row = self.explain(record, answer)
+        if not row["valid"]:
             return 0.0
-        gold = Counter(self.gold_spans(record))
-        if not gold:
-            return float(not parsed.entities)
-        located, unlocated = locate_entities(record.text, parsed.entities)
-        predicted = Counter((e.start, e.end, e.type) for e in located)
-        hits = sum((gold & predicted).values())
-        recall = hits / sum(gold.values())
-        if metric == "recall":
-            return recall
-        n_pred = sum(predicted.values()) + len(unlocated)
-        precision = hits / n_pred if n_pred else 0.0
-        return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if not row["gold"]:
+            return float(not row["predicted"])
+        return 2 * row["tp"] / (2 * row["tp"] + row["fp"] + row["fn"])
 
     def meaning(self, parsed: ParsedAnswer) -> Hashable:
         return tuple(parsed.entities)

@@ -7,12 +7,17 @@
   character span equal a gold entity's (a partial span or a wrong type is a miss and a false
   positive). Counted as multisets, so a duplicated prediction of one gold entity earns one hit.
   An invalid answer predicts nothing. Micro precision/recall/F1 and the same per type.
+
+The `*_resampled` functions compute the same summary metrics for many bootstrap resamples at once
+(lingtune.bootstrap): each row of `weights` counts how often each example is drawn.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 INVALID = "invalid"
 SpanKey = tuple[int, int, str]
@@ -79,3 +84,34 @@ def span_metrics(gold: list[list[SpanKey]], predicted: list[list[SpanKey] | None
     invalid = sum(1 for p in predicted if p is None)
     return {"n": len(gold), **total.scores(), "invalid_rate": invalid / len(predicted) if predicted else 0.0,
             "per_type": {t: c.scores() for t, c in per_type.items()}}
+
+
+def safe_ratio(numerator, denominator) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    num, den = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    return np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+
+
+def classification_resampled(gold: list[str], predicted: list[str | None], labels: tuple[str, ...],
+                             weights: np.ndarray) -> dict[str, np.ndarray]:
+    """accuracy, macro_f1 and invalid_rate of every resample, as `classification_metrics` counts them."""
+    g = np.asarray(gold, dtype=object)
+    p = np.asarray([x if x is not None else INVALID for x in predicted], dtype=object)
+    w = np.asarray(weights, dtype=float)
+    f1 = []
+    for label in labels:
+        tp, fp, fn = w @ ((g == label) & (p == label)), w @ ((g != label) & (p == label)), w @ ((g == label) & (p != label))
+        f1.append(safe_ratio(2 * tp, 2 * tp + fp + fn))
+    drawn = w.sum(axis=1)
+    return {"accuracy": safe_ratio(w @ (g == p), drawn), "macro_f1": np.mean(f1, axis=0),
+            "invalid_rate": safe_ratio(w @ (p == INVALID), drawn)}
+
+
+def span_resampled(tp: list[int], fp: list[int], fn: list[int], invalid: list[bool],
+                   weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Micro precision, recall, f1 and invalid_rate of every resample, from per-example match counts."""
+    w = np.asarray(weights, dtype=float)
+    hits, false_pos, false_neg = w @ np.asarray(tp), w @ np.asarray(fp), w @ np.asarray(fn)
+    precision, recall = safe_ratio(hits, hits + false_pos), safe_ratio(hits, hits + false_neg)
+    return {"precision": precision, "recall": recall, "f1": safe_ratio(2 * precision * recall, precision + recall),
+            "invalid_rate": safe_ratio(w @ np.asarray(invalid, dtype=float), w.sum(axis=1))}

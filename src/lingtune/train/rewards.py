@@ -3,9 +3,10 @@
 Three components, each in [0, 1]:
 
 * one per task (`Task.reward`): `sentiment` is 1 when the answer's label is the gold label, else 0;
-  `ner` is the strict entity recall of the answer (type and exact character span, located as in
-  evaluation; `reward.ner_metric: f1` uses per-sample F1 instead), and a sentence without gold
-  entities scores 1 for an empty answer, else 0.
+  `ner` is the strict entity F1 of the answer (type and exact character span, located as in
+  evaluation), and a sentence without gold entities scores 1 for an empty answer, else 0. F1, not
+  recall: precision must count, or listing an entity two or three times (the second copy finds no
+  place in the text, so it is a false positive) or inventing one costs nothing and RL learns to do it.
 * `instruction`: the judge's instruction-following score (lingtune.judge).
 
 A component that does not apply to a sample (sentiment on an NER prompt and vice versa) returns None:
@@ -42,7 +43,7 @@ def gold_column(record: Record) -> str:
     return json.dumps(record_to_json(record), ensure_ascii=False)
 
 
-def task_reward_fn(name: str, metric: str = "recall") -> Callable:
+def task_reward_fn(name: str, metric: str = "f1") -> Callable:
     """TRL reward function of one task: its per-answer reward on that task's prompts, None elsewhere."""
     spec = tasks.get(name)
 

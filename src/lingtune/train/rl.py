@@ -173,7 +173,7 @@ def measure_consistency(model, tokenizer, params) -> dict:
     cfg = params.reward
     records = prompt_set(Path(params.data.out_dir) / "val.jsonl", cfg.prompts_per_task)
     answers = sample_answers(model, tokenizer, records, cfg.samples, cfg.temperature, cfg.max_new_tokens, params.seed)
-    return consistency_by_task(records, answers)
+    return consistency_by_task(records, answers, cfg, params.seed)
 
 
 def start_tracking(params, run_id: str | None):

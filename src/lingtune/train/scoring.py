@@ -3,7 +3,9 @@
 * `sample_answers`: k sampled answers per record with `transformers.generate`, from the prompt the
   model was trained on (`tasks.base.prompt_ids`, the token ids SFT encodes).
 * `consistency`: agreement of the k answers to each prompt (share of answers equal to the most common
-  parsed answer, an unparsable answer counting as its own value) and the valid-JSON rate.
+  parsed answer, an unparsable answer counting as its own value), averaged over the prompts, with a
+  percentile bootstrap interval that resamples the prompts (with 16 prompts a task, one prompt moves
+  the mean by several points: the interval says how far), and the valid-JSON rate.
 * `run_reward` (stage `reward`): samples the SFT model on `reward.prompts_per_task` validation prompts
   per task, scores every answer with the judge and the task rewards, and writes the reward data set
   (`reward.dataset`, one JSON line per answer) and `reward.report` (judge statistics, mean components,
@@ -21,6 +23,8 @@ import torch
 
 from lingtune import tasks
 from lingtune.artifacts import write_json, write_jsonl
+from lingtune.bootstrap import mean_interval
+from lingtune.config import RewardConfig
 from lingtune.formats import read_jsonl
 from lingtune.models import ModelRef, adapter_base, load
 from lingtune.records import Record
@@ -53,25 +57,31 @@ def sample_answers(model, tokenizer, records: list[Record], k: int, temperature:
     return out
 
 
-def consistency(task_names: list[str], answers: list[list[str]]) -> dict:
-    """Agreement of the k answers per prompt (mean share of the modal answer) and the valid-JSON rate."""
+def consistency(task_names: list[str], answers: list[list[str]], confidence: float = 0.95, resamples: int = 1000,
+                seed: int = 0) -> dict:
+    """Agreement of the k answers per prompt (mean share of the modal answer) with its bootstrap
+    interval over the prompts, and the valid-JSON rate."""
     agreements, valid, total = [], 0, 0
     for task, group in zip(task_names, answers):
         values = [tasks.get(task).normalised(a) for a in group]
         agreements.append(Counter(values).most_common(1)[0][1] / len(values))
         valid += sum(v != "<invalid>" for v in values)
         total += len(values)
+    low, high = mean_interval(agreements, confidence, resamples, seed) if agreements else (None, None)
     return {"agreement": sum(agreements) / len(agreements) if agreements else 0.0,
+            "agreement_interval": {"low": low, "high": high, "confidence": confidence, "resamples": resamples,
+                                   "method": "percentile bootstrap over prompts"},
             "valid_rate": valid / total if total else 0.0, "prompts": len(answers),
             "samples_per_prompt": len(answers[0]) if answers else 0}
 
 
-def consistency_by_task(records: list[Record], answers: list[list[str]]) -> dict:
+def consistency_by_task(records: list[Record], answers: list[list[str]], cfg: RewardConfig, seed: int) -> dict:
     names = [r.task for r in records]
-    out = {"all": consistency(names, answers)}
+    interval = {"confidence": cfg.confidence, "resamples": cfg.bootstrap_samples, "seed": seed}
+    out = {"all": consistency(names, answers, **interval)}
     for task in tasks.names():
         picked = [(t, a) for t, a in zip(names, answers) if t == task]
-        out[task] = consistency([t for t, _ in picked], [a for _, a in picked])
+        out[task] = consistency([t for t, _ in picked], [a for _, a in picked], **interval)
     return out
 
 
@@ -128,7 +138,7 @@ def run_reward(params) -> dict:
     sampled = time.time() - started
     rows = score_samples(records, answers, cfg, judge)
     report = {"judge": {**describe(cfg.judge), **judge.stats.as_dict()},
-              "mean": _means(rows), "consistency": consistency_by_task(records, answers),
+              "mean": _means(rows), "consistency": consistency_by_task(records, answers, cfg, params.seed),
               "answers": len(rows), "sampling_seconds": round(sampled, 1),
               "wall_seconds": round(time.time() - started, 1),
               **run_cost(params.cost, time.time() - stage_started, _gpus(model), judge.stats.cost_usd)}
