@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt scripts/install.sh
 install: $(STAMP)
 
 pipeline: $(STAMP)
-	dvc repro
+	python scripts/timed_repro.py    # dvc repro, timing each stage: reports/pipeline.json
 	lingtune data stats
 	python3 scripts/tables.py
 

@@ -10,6 +10,7 @@ between them is generated (never edit it by hand). The same NAME may appear in s
   rl               reports/rl.json             steps, reward first -> last, train seconds
   rl-consistency   reports/rl.json             agreement / valid JSON of sampled answers, SFT -> RL
   register         reports/register.json       registry versions, gate scores, candidate, champion
+  pipeline         reports/pipeline.json       `make pipeline`: wall seconds per stage, total
   data             data/processed/card.json    examples per split and task
   data-corpus      data/processed/card.json    what the corpora gave: labels, entities, dropped texts
   bench:NAME       reports/benchmarks/NAME.json   a benchmark's `--json` output, as saved by the user
@@ -125,6 +126,16 @@ def table_train(root: Path) -> list[str]:
     return [source(files, "wall s: the last run of each stage, from its resume point if it resumed"), "",
             *md_table(["stage", "method", "trainable parameters", "steps", "first loss", "final loss",
                        "val loss", "wall s", "peak RSS MB"], rows, "llrrrrrrr")]
+
+
+def table_pipeline(root: Path) -> list[str]:
+    report = load(root, "reports/pipeline.json")
+    rows = [[row["stage"], row["status"], num(row.get("seconds"))] for row in report["stages"]]
+    rows.append(["**total**", "failed" if report["returncode"] else "ok", num(report["total_seconds"])])
+    where = f"{report['machine']['cpus']} CPUs ({report['machine'].get('cpu_model') or 'unknown CPU'})"
+    return [source(["reports/pipeline.json"], f"`make pipeline` on {where}, started {report['started']}; "
+                    "skipped: unchanged since the last run"), "",
+            *md_table(["stage", "status", "wall s"], rows, "llr")]
 
 
 def table_rl(root: Path) -> list[str]:
@@ -261,7 +272,8 @@ def bench_other(root: Path, claimed: set[str]) -> list[str]:
 
 TABLES = {"eval": table_eval, "eval-types": table_eval_types, "eval-time": table_eval_time,
           "train": table_train, "rl": table_rl, "rl-consistency": table_rl_consistency,
-          "register": table_register, "data": table_data, "data-corpus": table_data_corpus}
+          "register": table_register, "data": table_data, "data-corpus": table_data_corpus,
+          "pipeline": table_pipeline}
 
 
 # -- regions -----------------------------------------------------------------------------------------

@@ -74,22 +74,42 @@ def _gemma3(tokenizer):
     return Gemma3ForCausalLM(config)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_answer_loss_equals_cross_entropy_of_the_full_logits(root, tiny_model_dir, arch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _model(arch: str, tokenizer, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
 
-    from lingtune.train.sft import answer_loss
+    if arch == "llama":
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return _gemma3(tokenizer)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("compile_mode", ["none", "layers"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_answer_loss_equals_cross_entropy_of_the_full_logits(root, tiny_model_dir, arch, compile_mode):
+    """The fast loss (answer rows only, the model's soft-cap re-applied, eager or `sft.compile: layers`) has
+    the value AND the gradients of the cross-entropy of the model's own logits on the answer tokens."""
+    from transformers import AutoTokenizer
+
+    from lingtune.train.sft import answer_loss, compile_for_training
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    if arch == "llama":
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    else:
-        model = _gemma3(tokenizer)
-    model = model.float().eval()
+    model = _model(arch, tokenizer, tiny_model_dir).float().train()
     batch = _batch(tokenizer, root)
     assert (batch["attention_mask"] == 0).any()  # the records differ in length: left padding is exercised
-    with torch.no_grad():
-        fast, tokens = answer_loss(model, batch)
-        expected, expected_tokens = _reference_loss(model, batch)
+    expected, expected_tokens = _reference_loss(model, batch)
+    expected.backward()
+    expected_grads = _grads(model)
+    cross_entropy = compile_for_training(model, compile_mode)
+    fast, tokens = answer_loss(model, batch, cross_entropy)
+    fast.backward()
+    grads = _grads(model)
     assert tokens == expected_tokens > 0
-    assert fast.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert fast.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)

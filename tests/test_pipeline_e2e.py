@@ -3,6 +3,7 @@ quantize -> evaluate -> register) in a scratch copy of the project (SmolLM2, sma
 everything): it runs, a second run skips everything, and a validation failure stops the pipeline before
 a downstream stage writes anything."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -43,15 +44,23 @@ def project(root, tmp_path_factory):
     return work, env
 
 
-def test_repro_runs_then_skips(project):
+def test_repro_runs_then_skips(root, project):
+    """`make pipeline`'s command: dvc repro through scripts/timed_repro.py, which times each stage."""
     work, env = project
-    first = run(["dvc", "repro"], work, env)
+    timed_repro = [sys.executable, str(root / "scripts" / "timed_repro.py")]
+    first = run(timed_repro, work, env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert (work / "models/backbone/model.safetensors").is_file()
     assert (work / "data/processed/test.jsonl").is_file()
     assert (work / "reports/validation.json").is_file()
-    second = run(["dvc", "repro"], work, env)
+    stages = ("backbone", "prepare", "validate", "sft", "sft_full", "reward", "rl", "quantize", "evaluate", "register")
+    timed = json.loads((work / "reports/pipeline.json").read_text())
+    assert timed["returncode"] == 0 and {row["stage"] for row in timed["stages"]} == set(stages)
+    assert all(row["status"] == "ran" and row["seconds"] > 0 for row in timed["stages"]), timed
+    assert timed["stages_seconds"] <= timed["total_seconds"]
+    second = run(timed_repro, work, env)
     assert second.returncode == 0
+    assert all(row["status"] == "skipped" for row in json.loads((work / "reports/pipeline.json").read_text())["stages"])
     assert (work / "models/sft/adapter_model.safetensors").is_file()
     assert (work / "reports/sft.json").is_file()
     table = (work / "reports/eval/table.md").read_text()
@@ -64,8 +73,7 @@ def test_repro_runs_then_skips(project):
     assert (work / "models/rl/adapter_model.safetensors").is_file()
     assert (work / "models/int4/config.json").is_file()
     assert "champion" in (work / "reports/register.json").read_text()
-    for stage in ("backbone", "prepare", "validate", "sft", "sft_full", "reward", "rl", "quantize", "evaluate",
-                  "register"):
+    for stage in stages:
         assert f"Stage '{stage}' didn't change, skipping" in second.stdout
     stats = run(["lingtune", "data", "stats", "--json"], work, env)
     assert '"total": 200' in stats.stdout

@@ -152,6 +152,11 @@ class SFTConfig(_Section):
     else `32-true`. `32-true` keeps every weight in float32 (a LoRA base too); the mixed modes keep a LoRA
     base in bf16 and autocast."""
     gradient_checkpointing: bool = False
+    compile: Literal["none", "loss", "layers"] = "layers"
+    """torch.compile (inductor) for training: `loss` fuses the LM head's soft-cap and cross-entropy (one pass
+    over the vocabulary-wide logits instead of several); `layers` also compiles the decoder layers (fused
+    norms, casts, activations; one compiled code shared by all layers). A one-off compile at the first steps
+    (benchmarks/train_speed.py); inductor needs a C compiler on CPU. `none`: eager."""
     threads: int = Field(2, ge=0)
     """torch threads per process; 0 keeps torch's default."""
     accelerator: Literal["auto", "cpu", "gpu"] = "cpu"

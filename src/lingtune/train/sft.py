@@ -73,13 +73,22 @@ def load_model(backbone_dir: str, cfg: SFTConfig):
     return model
 
 
-def answer_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+def capped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Mean cross-entropy of (soft-capped, as the model's own head does) logits, in float32."""
+    logits = logits.float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets)
+
+
+def answer_loss(model, batch: dict, cross_entropy=capped_cross_entropy) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over answer tokens; the LM head runs on answer positions only.
 
     The decoder's hidden states are gathered at the positions that predict an answer token and
     only those rows go through the LM head: with a 262k vocabulary the head dominates a step.
     (`logits_to_keep` slices a non-contiguous 3-D tensor, which sends the head through a batched
     matmul that copies the whole weight matrix per sequence: measured 20 s of a 29 s step.)
+    `cross_entropy` is `capped_cross_entropy` or its compiled form (`compile_for_training`).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     keep = int(batch["answer_span"])
@@ -88,11 +97,28 @@ def answer_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     hidden = hidden[:, -keep:-1, :]
     targets = batch["labels"][:, -keep + 1 :]
     rows = targets != IGNORE
-    logits = causal_lm.get_output_embeddings()(hidden[rows]).float()
+    logits = causal_lm.get_output_embeddings()(hidden[rows])
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, targets[rows]), int(rows.sum())
+    return cross_entropy(logits, targets[rows], cap), int(rows.sum())
+
+
+def compile_for_training(model, mode: str):
+    """Apply `sft.compile` to `model` in place; returns the cross-entropy `answer_loss` should use.
+
+    Shapes vary with every bucket, so both are compiled with dynamic shapes (one graph, not one per
+    length). Layers are compiled one by one (`Module.compile`, state-dict keys unchanged, so checkpoints
+    and the saved adapter are those of the eager model); they share one compiled code."""
+    if mode == "none":
+        return capped_cross_entropy
+    if mode == "layers":
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layers = getattr(causal_lm.get_decoder(), "layers", None)
+        if layers is None:
+            raise StageError(f"sft.compile: layers needs a decoder with a `layers` list; "
+                             f"{type(causal_lm).__name__} has none (use loss or none)")
+        for layer in layers:
+            layer.compile(dynamic=True)
+    return torch.compile(capped_cross_entropy, dynamic=True)
 
 
 class SFTModule(pl.LightningModule):
@@ -102,6 +128,7 @@ class SFTModule(pl.LightningModule):
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         self.train_set, self.val_set = train_set, val_set
         self.model = load_model(backbone_dir, cfg).train()  # from_pretrained leaves it in eval mode
+        self.cross_entropy = compile_for_training(self.model, cfg.compile)
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.losses: list[dict] = []
         self.skipped = 0
@@ -124,7 +151,7 @@ class SFTModule(pl.LightningModule):
         # Dropout masks depend on (seed, rank, step, batch) only, not on the RNG's history, so a
         # resumed run draws exactly the masks the uninterrupted run would have drawn.
         torch.manual_seed(self.seed + 1_000_003 * self.global_rank + 7919 * self.global_step + batch_idx)
-        loss, tokens = answer_loss(self.model, batch)
+        loss, tokens = answer_loss(self.model, batch, self.cross_entropy)
         if not torch.isfinite(loss):
             message = f"non-finite loss ({loss.item()}) at step {self.global_step}"
             if self.cfg.on_nonfinite == "stop":
@@ -139,7 +166,7 @@ class SFTModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, _ = answer_loss(self.model, batch)
+        loss, _ = answer_loss(self.model, batch, self.cross_entropy)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=self.cfg.batch_size)
 
     def configure_optimizers(self):
@@ -178,7 +205,7 @@ class SFTModule(pl.LightningModule):
             for _, indices in zip(range(self.cfg.val_batches), sampler):
                 batch = collate_left_padded([self.val_set[i] for i in indices], self.tokenizer.pad_token_id)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                losses.append(float(answer_loss(self.model, batch)[0]))
+                losses.append(float(answer_loss(self.model, batch, self.cross_entropy)[0]))
         return sum(losses) / len(losses)
 
 

@@ -1,0 +1,295 @@
+"""Training speed against this CPU's matrix peak, in one run: SFT (lingtune's step and a plain loop),
+full fine-tuning, and an RL step at the shipped settings.
+
+1. The bf16 matmul peak with all training threads (the probe of benchmarks/matmul_peak.py: best of
+   `--trials` timed runs after a warm-up, square and LM-head shapes), once before and once after the
+   configurations; `peak_gflops` is the best of both, `peak_spread` the best / worst run of that shape.
+2. Each configuration in its own process (peak RSS is per process), on the same real training batches
+   (`BucketBatchSampler` with the pipeline's seed, batch size and sequence limit, so the lengths are
+   those `dvc repro sft` trains on):
+   * `sft`   lingtune's SFT step (`sft.*` params: LoRA, precision auto, answer-only LM head, AdamW,
+             `sft.compile`), timed after two warm-up steps (the compile happens there);
+   * `sft-eager` the same with `sft.compile: none`, to show what compiling buys;
+   * `plain` a plain transformers + peft loop: fp32, LoRA of the same rank, logits for every position;
+   * `full`  lingtune's full fine-tuning step (`sft_full` params), for the memory ratio;
+   * `rl`    TRL RLOO steps of the `rl` stage (`rl.*` and `reward.*` params, the real SFT adapter).
+3. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, attention, forward and
+   backward as dispatched) on the same batches in a separate, untimed pass; for RL, on one extra step
+   (generation, log-probs of policy and reference, the update). Achieved FLOP/s = FLOPs / timed
+   seconds; `*_roofline_fraction` = achieved / `peak_gflops`. Above 1 the benchmark stops with an error.
+
+JSON keys: `peak_gflops`, `peak_spread`, `sft_tokens_per_s`, `sft_roofline_fraction`, `sft_speedup_vs_plain`,
+`rl_seconds_per_step`, `rl_roofline_fraction`, `lora_vs_full_peak_ratio`, and `configs.<name>` with the
+details (step seconds per step, tokens and FLOPs per step, peak RSS).
+
+Usage: python benchmarks/train_speed.py [--steps 6] [--rl-steps 2] [--configs sft,plain,full,rl] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe
+
+CONFIGS = ("sft", "sft-eager", "plain", "full", "rl")
+
+
+def peak_flops(threads: int, trials: int) -> tuple[float, float]:
+    """(best bf16 matmul FLOP/s over the probe's shapes, best / worst run of that shape)."""
+    import torch
+
+    from matmul_peak import SHAPES, time_matmul
+
+    torch.set_num_threads(threads)
+    runs = [time_matmul(torch, torch.bfloat16, m, k, n, trials) for _, m, k, n in SHAPES]
+    best = max(runs, key=max)
+    return max(best) * 1e9, max(best) / min(best)
+
+
+def roofline(flops_per_s: float, peak: float, what: str) -> float:
+    fraction = flops_per_s / peak
+    if fraction > 1.0:
+        raise SystemExit(f"{what}: {fraction:.3f} of the peak ({peak / 1e9:.0f} GFLOP/s): the probe under-measured "
+                         "the machine or the FLOPs are over-counted; not reported")
+    return round(fraction, 3)
+
+
+def training_batches(params, cfg, count: int) -> list[dict]:
+    """The first `count` batches the SFT stage would train on (same sampler, seed and limits)."""
+    from lingtune.train.loader import BucketBatchSampler, collate_left_padded
+    from lingtune.train.sft import load_data
+
+    tokenizer, train_set, _ = load_data(params.backbone.out_dir, Path(params.data.out_dir), cfg.max_seq_len)
+    sampler = BucketBatchSampler(train_set.lengths(), cfg.batch_size, params.seed)
+    return [collate_left_padded([train_set[i] for i in indices], tokenizer.pad_token_id)
+            for _, indices in zip(range(count), sampler)]
+
+
+def sft_step(config: str, params):
+    """(step function, count function) of one configuration; step trains, count only runs fwd + bwd."""
+    import torch
+
+    from lingtune.train.sft import answer_loss, compile_for_training, load_model, resolve_precision
+
+    cfg = resolve_precision(params.sft_full if config == "full" else params.sft)
+    if config == "sft-eager":
+        cfg = cfg.model_copy(update={"compile": "none"})
+    if config == "plain":
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(params.backbone.out_dir, dtype=torch.float32),
+                               LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules="all-linear",
+                                          task_type="CAUSAL_LM"))
+        autocast = False
+
+        def loss_of(batch):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+    else:
+        model = load_model(params.backbone.out_dir, cfg)
+        cross_entropy = compile_for_training(model, cfg.compile)
+        autocast = cfg.precision == "bf16-mixed"
+
+        def loss_of(batch):
+            return answer_loss(model, batch, cross_entropy)[0]
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+
+    def forward_backward(batch) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of(batch)
+        loss.backward()
+
+    def step(batch) -> None:
+        forward_backward(batch)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)  # as Lightning
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def count(batch) -> None:
+        forward_backward(batch)
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, count, cfg
+
+
+def counted_flops(fn, *args) -> int:
+    """FLOPs of `fn(*args)` as dispatched, compiled code run eagerly (same math, visible to the counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.compiler.set_stance("force_eager"), counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def run_sft_config(config: str, params, steps: int) -> dict:
+    import torch
+
+    step, count, cfg = sft_step(config, params)
+    batches = training_batches(params, cfg, steps + 2)
+    started = time.perf_counter()
+    for batch in batches[:2]:  # warm-up: compile, allocator, autocast caches, first-call kernels
+        step(batch)
+    warm_up = time.perf_counter() - started
+    seconds = []
+    for batch in batches[2:]:
+        started = time.perf_counter()
+        step(batch)
+        seconds.append(time.perf_counter() - started)
+    flops = [counted_flops(count, batch) for batch in batches[2:]]
+    tokens = [int(batch["attention_mask"].sum()) for batch in batches[2:]]
+    precision = "32-true" if config == "plain" else cfg.precision
+    return {"config": config, "precision": precision, "batch_size": cfg.batch_size,
+            "compile": "none" if config == "plain" else cfg.compile, "warm_up_seconds": round(warm_up, 1),
+            "threads": torch.get_num_threads(), "step_seconds": [round(s, 3) for s in seconds],
+            "tokens_per_step": round(statistics.mean(tokens), 1), "flops_per_step": statistics.mean(flops),
+            "tokens_per_s": round(sum(tokens) / sum(seconds), 1), "flops_per_s": sum(flops) / sum(seconds)}
+
+
+def run_rl_config(params, steps: int) -> dict:
+    """`steps` timed RLOO steps after one warm-up step, then one step under the FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import TrainerCallback
+    from transformers.integrations import MLflowCallback
+
+    from lingtune.judge import make_judge
+    from lingtune.train.rl import build_trainer, prompt_dataset
+    from lingtune.train.scoring import load_policy
+
+    rl = params.rl.model_copy(update={"max_steps": steps + 2, "save_steps": 10_000})
+    params = params.model_copy(update={"rl": rl})
+    model, tokenizer = load_policy(rl.sft_dir, params.backbone.out_dir, trainable=True)
+    dataset = prompt_dataset(Path(params.data.out_dir) / "train.jsonl", rl.max_prompts, params.seed)
+
+    class Clock(TrainerCallback):
+        seconds: list[float] = []
+        flops = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == steps + 1:  # the last step: counted, not timed
+                self.counter = FlopCounterMode(display=False).__enter__()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == steps + 2:
+                self.counter.__exit__(None, None, None)
+                self.flops = self.counter.get_total_flops()
+            elif state.global_step > 1:
+                self.seconds.append(time.perf_counter() - self.started)
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build_trainer(params, model, tokenizer, dataset, make_judge(params.reward.judge), out)
+        trainer.remove_callback(MLflowCallback)
+        trainer.add_callback(clock)
+        trainer.train()
+    mean = statistics.mean(clock.seconds)
+    return {"config": "rl", "algorithm": rl.algorithm, "precision": rl.precision, "threads": torch.get_num_threads(),
+            "completions_per_step": rl.prompts_per_step * rl.num_generations,
+            "step_seconds": [round(s, 2) for s in clock.seconds], "flops_per_step": clock.flops,
+            "flops_per_s": clock.flops / mean}
+
+
+def child(args) -> dict:
+    from lingtune.env import apply_offline_defaults
+
+    apply_offline_defaults()
+    import torch
+
+    from lingtune.config import load_params
+
+    params = load_params(args.params)
+    torch.manual_seed(params.seed)
+    torch.set_num_threads(params.rl.threads if args.child == "rl" else params.sft.threads or os.cpu_count())
+    row = run_rl_config(params, args.rl_steps) if args.child == "rl" else run_sft_config(args.child, params, args.steps)
+    return {**row, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def run_children(args) -> dict[str, dict]:
+    rows = {}
+    for config in args.configs.split(","):
+        print(f"train_speed: {config} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, "--child", config, "--params", args.params, "--steps", str(args.steps),
+               "--rl-steps", str(args.rl_steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{config} failed:\n{out.stderr[-3000:]}")
+        rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
+    return rows
+
+
+def summary(rows: dict[str, dict], peak: float, spread: float) -> dict:
+    result = {"peak_gflops": round(peak / 1e9, 1), "peak_spread": round(spread, 3),
+              "flop_counting": "torch.utils.flop_counter.FlopCounterMode, forward + backward as dispatched",
+              "configs": rows}
+    for name, row in rows.items():
+        row["gflops_per_s"] = round(row["flops_per_s"] / 1e9, 1)
+        row["roofline_fraction"] = roofline(row["flops_per_s"], peak, f"{name} roofline_fraction")
+    if "sft" in rows:
+        result["sft_tokens_per_s"] = rows["sft"]["tokens_per_s"]
+        result["sft_roofline_fraction"] = rows["sft"]["roofline_fraction"]
+    if "sft" in rows and "sft-eager" in rows:
+        result["sft_speedup_vs_eager"] = round(rows["sft"]["tokens_per_s"] / rows["sft-eager"]["tokens_per_s"], 2)
+    if "sft" in rows and "plain" in rows:
+        result["sft_speedup_vs_plain"] = round(rows["sft"]["tokens_per_s"] / rows["plain"]["tokens_per_s"], 2)
+    if "rl" in rows:
+        result["rl_seconds_per_step"] = round(statistics.mean(rows["rl"]["step_seconds"]), 2)
+        result["rl_roofline_fraction"] = rows["rl"]["roofline_fraction"]
+    if "sft" in rows and "full" in rows:
+        result["lora_vs_full_peak_ratio"] = round(rows["sft"]["peak_rss_mb"] / rows["full"]["peak_rss_mb"], 3)
+    return result
+
+
+def table(r: dict) -> str:
+    lines = [f"bf16 matmul peak {r['peak_gflops']} GFLOP/s (spread {r['peak_spread']}); FLOPs: {r['flop_counting']}",
+             "| config | precision | s/step | tokens/s | GFLOP/s | of peak | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, row in r["configs"].items():
+        lines.append(f"| {name} | {row['precision']} | {statistics.mean(row['step_seconds']):.2f} | "
+                     f"{row.get('tokens_per_s', '–')} | {row['gflops_per_s']} | {row['roofline_fraction']} | "
+                     f"{row['peak_rss_mb']} |")
+    lines.append(json.dumps({k: v for k, v in r.items() if k not in ("configs", "flop_counting")}))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", type=int, default=6, help="timed SFT steps per configuration")
+    parser.add_argument("--rl-steps", type=int, default=2, help="timed RL steps")
+    parser.add_argument("--trials", type=int, default=5, help="timed runs per shape of the peak probe")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    from lingtune.config import load_params
+
+    threads = load_params(args.params).sft.threads or os.cpu_count()
+    before = peak_flops(threads, args.trials)
+    rows = run_children(args)
+    after = peak_flops(threads, args.trials)
+    result = summary(rows, *max(before, after))
+    result["peak_gflops_before_after"] = [round(before[0] / 1e9, 1), round(after[0] / 1e9, 1)]
+    print(json.dumps(result, indent=2) if args.json else table(result))
+
+
+if __name__ == "__main__":
+    main()
