@@ -127,7 +127,8 @@ def test_changed_config_does_not_resume_old_checkpoints(uninterrupted, finished_
 
 
 def test_ddp_with_two_gloo_processes(root, tmp_path):
-    project = make_project(root, tmp_path, strategy="ddp", devices=2, max_steps=6, checkpoint_every_n_steps=3)
+    project = make_project(root, tmp_path, strategy="ddp", devices=2, max_steps=6, checkpoint_every_n_steps=3,
+                           compile="none")  # two processes compiling the same code: minutes on 2 cores
     result = run_sft(project)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(project)
@@ -136,7 +137,7 @@ def test_ddp_with_two_gloo_processes(root, tmp_path):
 
 
 def test_qlora_path(root, tmp_path):
-    project = make_project(root, tmp_path, max_steps=8, quantization="nf4")
+    project = make_project(root, tmp_path, max_steps=8, quantization="nf4", compile="loss")
     result = run_sft(project)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(project)
@@ -161,7 +162,8 @@ def test_full_baseline_trains_beside_the_adapter(root, tmp_path):
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_loss_never_writes_weights(root, tmp_path, policy):
-    project = make_project(root, tmp_path, max_steps=8, lr=1e30, on_nonfinite=policy, precision="32-true")
+    project = make_project(root, tmp_path, max_steps=8, lr=1e30, on_nonfinite=policy, precision="32-true",
+                           compile="none")
     result = run_sft(project)
     assert result.returncode == 2
     assert "error:" in result.stderr and ("non-finite" in result.stderr or "NaN/inf" in result.stderr)

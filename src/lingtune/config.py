@@ -178,6 +178,9 @@ class SFTConfig(_Section):
     def _quantized_lora_only(self) -> "SFTConfig":
         if self.quantization == "nf4" and self.method == "full":
             raise ValueError("quantization nf4 needs method lora (a 4-bit base cannot be trained in full)")
+        if self.quantization == "nf4" and self.compile == "layers":
+            raise ValueError("compile: layers cannot trace bitsandbytes' 4-bit layers; with quantization nf4 "
+                             "use compile: loss or none")
         return self
 
 
