@@ -12,7 +12,7 @@ from pathlib import Path
 from lingtune import tasks
 from lingtune.artifacts import write_json, write_text
 from lingtune.config import CostConfig
-from lingtune.formats import read_jsonl
+from lingtune.formats import evaluation_records, read_jsonl
 from lingtune.errors import DataError
 from lingtune.models import ModelRef, folder_ref
 from lingtune.records import Record
@@ -24,7 +24,7 @@ def score(task: str, records: list[Record], answers: list[str]) -> dict:
 
 def engine_config(params):
     """The vLLM engine of evaluation, from params.evaluate (LoRA rank from the SFT recipe)."""
-    from lingtune.evaluate.engine import EngineConfig
+    from lingtune.engine import EngineConfig
 
     cfg = params.evaluate
     return EngineConfig(max_model_len=cfg.max_model_len, max_lora_rank=cfg.max_lora_rank,
@@ -49,7 +49,7 @@ def default_model(params) -> str:
 
 def evaluate_file(ref: ModelRef, data: Path, task: str, constrained: bool = True, engine=None,
                   engine_cfg=None) -> dict:
-    from lingtune.evaluate.engine import Engine, EngineConfig
+    from lingtune.engine import Engine, EngineConfig
 
     tasks.get(task)  # an unknown task fails before the engine starts
     records = read_jsonl(data, task=task)
@@ -147,13 +147,13 @@ def write_plots(results: dict, out_dir: Path) -> None:
 def run_evaluate(params) -> dict:
     """DVC stage `evaluate`: every variant on the held-back test split, one vLLM engine for all
     variants that share the backbone (LoRA adapters are applied per request)."""
-    from lingtune.evaluate.engine import Engine, gpus, unsupported_here
+    from lingtune.engine import Engine, gpus, unsupported_here
     from lingtune.tracking import run_cost
 
     started = time.time()
     cfg = params.evaluate
     test = Path(params.data.out_dir) / "test.jsonl"
-    records = {task: read_jsonl(test, task=task)[: cfg.max_examples or None] for task in tasks.TASKS}
+    records = evaluation_records(test, cfg.max_examples)
     engine_cfg = engine_config(params)
     found, skipped = variants(params), {}
     for name, variant in list(found.items()):
