@@ -27,9 +27,10 @@ from test_register import make_adapter, write_metrics
 
 from lingtune.artifacts import content_hash
 from lingtune.config import parse_params
+from lingtune.errors import ModelError, RegistryError, RegistryMissing
 from lingtune.models import resolve as resolve_model
 from lingtune.register import logged_model_id, model_card, run_register
-from lingtune.registry import BASE_SHA_TAG, BASE_TAG, FORMAT_TAG, RegistryError, RegistryMissing, client
+from lingtune.registry import BASE_SHA_TAG, BASE_TAG, FORMAT_TAG, client
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL = [json.loads(line) for line in (ROOT / "tests/data/val.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -163,7 +164,7 @@ def test_loading_refuses_weights_or_a_base_not_as_registered(project):
     allows, stands for a registry whose files changed)."""
     import mlflow
 
-    root, params = project
+    _, params = project
     run_register(params, log=quiet)
     with pytest.raises(RegistryError, match="not what was registered"):
         mlflow.pyfunc.load_model("models:/lingtune@champion", model_config={"weights_sha256": "0" * 64})
@@ -172,6 +173,66 @@ def test_loading_refuses_weights_or_a_base_not_as_registered(project):
     client(params.tracking.uri).delete_model_version("lingtune-base", "1")
     with pytest.raises(RegistryError, match="its base model is not in the registry"):
         mlflow.pyfunc.load_model("models:/lingtune@champion")
+
+
+def test_an_adapter_on_a_changed_base_is_a_new_version(project, tiny_model_dir):
+    """A version names its base version: the same adapter registered on a base whose content changed is a new
+    version on the new base version, not the old one retagged (whose model_config names the old base)."""
+    import shutil
+
+    root, params = project
+    base = Path(shutil.copytree(tiny_model_dir, root / "base"))
+    make_adapter(base, root / "models/sft", seed=1)
+    assert run_register(params, log=quiet)["base_models"] == {str(base): "models:/lingtune-base/1"}
+    (base / "generation_config.json").write_text('{"do_sample": false}')
+    again = run_register(params, log=quiet)
+    assert again["base_models"] == {str(base): "models:/lingtune-base/2"} and again["versions"] == {"sft": "2"}
+    assert client(params.tracking.uri).get_model_version("lingtune", "2").tags[BASE_TAG] == "models:/lingtune-base/2"
+
+
+def test_registering_an_adapter_whose_base_is_not_here_fails(project):
+    root, params = project
+    config = root / "models/sft/adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(root / "gone")}))
+    with pytest.raises(ModelError, match="which is not a model folder here"):
+        run_register(params, log=quiet)  # not registered on params.backbone.out_dir instead
+
+
+def test_a_version_that_is_not_a_lingtune_mlflow_model_is_refused(project):
+    """A version created by hand from a bare folder, tagged as if lingtune had registered it; a version whose
+    weights the artifact store lost."""
+    import shutil
+
+    import mlflow
+
+    root, params = project
+    run_register(params, log=quiet)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(root / "models/sft"), "bare")
+    store = client(params.tracking.uri)
+    store.create_model_version("lingtune", f"{run.info.artifact_uri}/bare", run.info.run_id,
+                               tags={FORMAT_TAG: "pyfunc", "lingtune.kind": "model"})
+    with pytest.raises(RegistryError, match="not a lingtune MLflow model"):
+        resolve_model("models:/lingtune/2", params.tracking.uri, str(root / "cache"))
+    weights = mlflow.models.get_model_info("models:/lingtune/1").flavors["python_function"]["artifacts"]["weights"]
+    stored = Path(store.get_logged_model(logged_model_id(store.get_model_version("lingtune", "1"))).artifact_location)
+    shutil.rmtree(stored / weights["path"])  # the artifact store lost the version's weights
+    with pytest.raises(RegistryError, match="names the artifact 'weights' at .*which is not there"):
+        resolve_model("models:/lingtune/1", params.tracking.uri, str(root / "cache"))
+
+
+def test_served_adapters_on_the_registered_base_are_kept(project, tiny_model_dir):
+    """serve.merge_adapter false: the champion runs through LoRA on the base downloaded from the registry,
+    and a local adapter trained on the same base (another folder, the same content) is served beside it."""
+    from lingtune.serve.runtime import resolve_plan
+
+    root, params = project
+    run_register(params, log=quiet)
+    other = make_adapter(tiny_model_dir, root / "other", seed=5)
+    plan = resolve_plan(params.model_copy(update={"serve": params.serve.model_copy(update={
+        "model": "models:/lingtune@champion", "merge_adapter": False, "adapters": {"other": str(other)}})}))
+    assert plan.base.is_relative_to(root / "cache/lingtune-base/1") and plan.skipped == ()
+    assert set(plan.adapters) == {"lingtune", "other"}
 
 
 # -- the champion answering, through an engine ---------------------------------------------------------------
@@ -249,7 +310,7 @@ def test_predict_equals_the_task_endpoints_of_the_service(champion, predicted, t
 
 def test_mlflow_models_serve_answers_invocations(champion, predicted, tmp_path):
     """The documented command, from an empty directory, with the registry named by MLFLOW_TRACKING_URI."""
-    root, params = champion
+    _, params = champion
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking.uri,
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # `uvicorn` of this environment
@@ -266,10 +327,31 @@ def test_mlflow_models_serve_answers_invocations(champion, predicted, tmp_path):
         assert bad.status_code == 400 and "unknown task 'intent'" in bad.json()["message"]
 
 
+def test_unmerged_the_model_answers_as_lingtune_eval(champion):
+    """With `merge_adapter` false (serve.merge_adapter at registration, or model_config at load) the adapter
+    runs through vLLM's LoRA on the registered base, as `lingtune eval --model models:/lingtune@champion`
+    runs it: the same answers."""
+    import mlflow
+
+    from lingtune import tasks
+    from lingtune.engine import Engine
+    from lingtune.evaluate.run import engine_config
+
+    root, params = champion
+    unmerged = mlflow.pyfunc.load_model("models:/lingtune@champion", model_config={"merge_adapter": False})
+    assert unmerged.unwrap_python_model().adapter is not None
+    rows = unmerged.predict(FRAME).to_dict(orient="records")
+    ref = resolve_model("models:/lingtune@champion", params.tracking.uri, str(root / "eval-cache"))
+    records = [tasks.get(task).placeholder(text) for task, text in zip(FRAME["task"], FRAME["text"])]
+    answers = Engine(ref.base, engine_config(params), enable_lora=True).generate(records, adapter=ref.adapter)
+    assert served_rows(rows) == [tasks.to_result(r.task, r.text, a) for r, a in zip(records, answers)]
+
+
 @pytest.mark.parametrize("frame, message", [
     (pd.DataFrame({"task": ["intent"], "text": ["x"]}), "unknown task 'intent'; lingtune knows sentiment, ner"),
     (pd.DataFrame({"task": ["sentiment", "ner"], "text": ["很好", " "]}), "text 1 is empty"),
-    (pd.DataFrame({"task": ["ner"], "text": ["长" * 1000]}), "text 0 is too long"),
+    # a prompt that fits the context of 1024, and an answer budget (max_tokens_ner 256) that does not
+    (pd.DataFrame({"task": ["ner"], "text": ["长" * 800]}), "text 0 is too long: \\d+ prompt tokens \\+ 256 answer"),
     (pd.DataFrame({"text": ["x"]}), "missing inputs \\['task'\\]"),
 ])
 def test_bad_input_is_an_invalid_parameter(model, frame, message):
@@ -288,11 +370,12 @@ def test_concurrent_predicts_answer_as_one_at_a_time(model, predicted):
         except Exception as exc:  # noqa: BLE001 (reported below, with the others)
             errors.append(exc)
 
-    threads = [threading.Thread(target=predict, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=predict, args=(i,), daemon=True) for i in range(4)]  # a hang fails, not blocks
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=300)
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "predict calls hang when run at once"
     assert not errors and results == [predicted] * 4
 
 

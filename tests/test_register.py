@@ -88,7 +88,8 @@ def test_register_gate_and_load_by_alias(project, tiny_model_dir):
 
     ref = resolve_model("models:/lingtune@champion", params.tracking.uri, str(root / "cache"))
     assert version.tags["lingtune.base_model"] == "models:/lingtune-base/1"  # the base, from the registry
-    assert ref.base.is_relative_to(root / "cache/lingtune-base/1") and content_hash(ref.base) == content_hash(tiny_model_dir)
+    assert ref.base.is_relative_to(root / "cache/lingtune-base/1")
+    assert content_hash(ref.base) == content_hash(tiny_model_dir)
     stored = sorted(p.name for p in ref.adapter.iterdir())
     assert stored == sorted(p.name for p in adapter.iterdir())  # the adapter only, no base weights
     assert content_hash(adapter) == version.tags["lingtune.content_sha256"]
@@ -189,6 +190,9 @@ def test_registry_cache_serves_the_registered_content(project, tiny_model_dir):
     assert content_hash(weights.parent) != content_hash(adapter)
     again = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter
     assert content_hash(again) == content_hash(adapter)
+    (again.parents[1] / "MLmodel").write_text("not yaml: [")  # a cached MLmodel that no longer says where
+    fresh = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter
+    assert content_hash(fresh) == content_hash(adapter)
 
     store.set_model_version_tag("lingtune", "1", CONTENT_TAG, "0" * 64)
     with pytest.raises(RegistryError, match="not what was registered") as raised:

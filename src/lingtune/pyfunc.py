@@ -94,7 +94,8 @@ class LingtuneModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({column: [r.get(column) for r in results] for column in COLUMNS}, dtype=object)
 
     def _prompt(self, i: int, task: str, text: str) -> dict:
-        tasks.get(task)  # an unknown task is a DataError naming the known ones
+        """The engine prompt of row `i`; a DataError for an empty text, an unknown task (named by
+        lingtune.tasks) or a text whose answer would not fit."""
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"text {i} is empty")
         return self.engine.decoder.fitting_prompt(task, text, self.max_model_len, i)

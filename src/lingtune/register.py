@@ -276,10 +276,21 @@ def register_base(mlflow_client, params, folder: Path, lineage: dict, evaluation
     return f"models:/{name}/{version}", tags[CONTENT_TAG]
 
 
+def register_variant(mlflow_client, params, variant: str, folder: Path, lineage: dict, evaluation: Evaluation,
+                     base: tuple[str, str] | None) -> tuple[str, bool]:
+    """A variant's folder as a version of `register.model_name`: tags, card and model_config, on `base`
+    (URI, content hash) for an adapter."""
+    from lingtune.pyfunc import model_config
+
+    name = params.register_.model_name
+    tags = {**lineage, **variant_tags(variant, folder, evaluation.metrics, evaluation.keys, base)}
+    return register_folder(mlflow_client, name, folder, tags, model_card(variant, tags, params, name), evaluation,
+                           model_config(tags[CONTENT_TAG], params.serve, base))
+
+
 def run_register(params, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """DVC stage `register`: register the variants that exist (and the base of the adapters among them),
     set `candidate`, run the gate."""
-    from lingtune.pyfunc import model_config
     from lingtune.tracking import stage_run
 
     cfg = params.register_
@@ -305,11 +316,8 @@ def run_register(params, log=lambda m: print(m, file=sys.stderr, flush=True)) ->
                     base_eval = Evaluation(evaluated.get("base", {}), dataset, cfg.gate_metrics)
                     bases[base_dir] = register_base(mlflow_client, params, base_dir, lineage, base_eval, log)
                 base = bases[base_dir]
-            tags = {**lineage, **variant_tags(variant, folder, evaluation.metrics, cfg.gate_metrics, base)}
-            card = model_card(variant, tags, params, cfg.model_name)
-            config = model_config(tags[CONTENT_TAG], params.serve, base)
-            versions[variant], new = register_folder(mlflow_client, cfg.model_name, folder, tags, card, evaluation,
-                                                     config)
+            versions[variant], new = register_variant(mlflow_client, params, variant, folder, lineage, evaluation,
+                                                      base)
             scores[variant] = gate_score(evaluation.metrics, cfg.gate_metrics)
             log(f"{variant}: {cfg.model_name} v{versions[variant]} ({'new' if new else 'unchanged, retagged'})")
     chosen = pick_candidate(cfg, scores)

@@ -207,14 +207,18 @@ def fetch_base(base_uri: str | None, base_sha256: str | None, what: str, trackin
 
 def weights_dir(model_dir: Path, what: str) -> Path:
     """The `weights` artifact of a downloaded version, where its MLmodel file says it is."""
+    import yaml
+    from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
     try:
-        artifacts = Model.load(str(model_dir)).flavors["python_function"]["artifacts"]
-        return model_dir / artifacts[WEIGHTS]["path"]
-    except (OSError, KeyError, TypeError) as exc:
+        folder = model_dir / Model.load(str(model_dir)).flavors["python_function"]["artifacts"][WEIGHTS]["path"]
+    except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError) as exc:  # no MLmodel, not YAML, no weights
         raise RegistryError(f"{what}: not a lingtune MLflow model (no pyfunc artifact {WEIGHTS!r} in its MLmodel: "
                             f"{exc!r})") from None
+    if not folder.is_dir():
+        raise RegistryError(f"{what}: its MLmodel names the artifact {WEIGHTS!r} at {folder}, which is not there")
+    return folder
 
 
 def _cached(target: Path, record: dict) -> bool:
