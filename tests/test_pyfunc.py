@@ -327,23 +327,37 @@ def test_mlflow_models_serve_answers_invocations(champion, predicted, tmp_path):
         assert bad.status_code == 400 and "unknown task 'intent'" in bad.json()["message"]
 
 
-def test_unmerged_the_model_answers_as_lingtune_eval(champion):
-    """With `merge_adapter` false (serve.merge_adapter at registration, or model_config at load) the adapter
-    runs through vLLM's LoRA on the registered base, as `lingtune eval --model models:/lingtune@champion`
-    runs it: the same answers."""
-    import mlflow
-
-    from lingtune import tasks
+@pytest.fixture(scope="module")
+def eval_engine(champion):
+    """The engine `lingtune eval --model models:/lingtune@champion` runs: the registered base with the adapter
+    through LoRA, from params.evaluate. Module-scoped like `model`: a vLLM in-process engine tears down
+    process-wide state when it is freed, which would break the engines still in use."""
     from lingtune.engine import Engine
     from lingtune.evaluate.run import engine_config
 
     root, params = champion
-    unmerged = mlflow.pyfunc.load_model("models:/lingtune@champion", model_config={"merge_adapter": False})
+    ref = resolve_model("models:/lingtune@champion", params.tracking.uri, str(root / "eval-cache"))
+    return Engine(ref.base, engine_config(params), enable_lora=True), ref.adapter
+
+
+@pytest.fixture(scope="module")
+def unmerged(champion):
+    """The champion with `merge_adapter` false (serve.merge_adapter at registration, or model_config at load)."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model("models:/lingtune@champion", model_config={"merge_adapter": False})
+
+
+def test_unmerged_the_model_answers_as_lingtune_eval(unmerged, eval_engine):
+    """Unmerged, the adapter runs through vLLM's LoRA on the registered base, as `lingtune eval` runs it: the
+    same answers."""
+    from lingtune import tasks
+
     assert unmerged.unwrap_python_model().adapter is not None
     rows = unmerged.predict(FRAME).to_dict(orient="records")
-    ref = resolve_model("models:/lingtune@champion", params.tracking.uri, str(root / "eval-cache"))
+    engine, adapter = eval_engine
     records = [tasks.get(task).placeholder(text) for task, text in zip(FRAME["task"], FRAME["text"])]
-    answers = Engine(ref.base, engine_config(params), enable_lora=True).generate(records, adapter=ref.adapter)
+    answers = engine.generate(records, adapter=adapter)
     assert served_rows(rows) == [tasks.to_result(r.task, r.text, a) for r, a in zip(records, answers)]
 
 

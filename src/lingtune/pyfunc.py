@@ -19,6 +19,10 @@ module and what it imports), so it loads where lingtune is not installed.
 
 `predict` raises MlflowException INVALID_PARAMETER_VALUE (HTTP 400 from `mlflow models serve`) for an
 unknown task, an empty text, or a text whose prompt and answer exceed the context.
+
+Cost: a vLLM engine in the loading process (in-process, as evaluation runs it: no second interpreter to
+spawn from a user's script). vLLM tears down process-wide state when such an engine is freed, so keep
+one lingtune model per process, as `mlflow models serve` does, or keep every one loaded until the end.
 """
 
 from __future__ import annotations
