@@ -147,8 +147,9 @@ def test_a_base_that_is_gone_or_changed_is_an_error_never_a_fallback(project, ti
 
     store.delete_model_version_tag("lingtune", "1", FORMAT_TAG)  # a version of an older lingtune
     refused("not an MLflow model lingtune can load")
-    make_adapter(tiny_model_dir, root / "models/sft", seed=1)
-    assert run_register(params, log=quiet)["versions"] == {"sft": "2"}  # the same adapter, now a real MLflow model
+    upgraded = run_register(params, log=quiet)
+    assert upgraded["versions"] == {"sft": "2"}  # the same adapter, now a real MLflow model, and the champion:
+    assert upgraded["champion"] == "2" and "registered by an older lingtune" in upgraded["reason"]  # same scores
 
     store.delete_model_version("lingtune-base", "1")
     refused("its base model is not in the registry", "models:/lingtune/2")

@@ -152,7 +152,8 @@ def pick_candidate(cfg: RegisterConfig, scores: dict[str, float | None]) -> str 
 
 
 def gate(mlflow_client, cfg: RegisterConfig, candidate_version: str) -> GateDecision:
-    """Move `champion` to the candidate only when its gate score beats the champion's by the margin."""
+    """Move `champion` to the candidate only when its gate score beats the champion's by the margin, or
+    when the champion is a version of an older lingtune (not an MLflow model: nothing can load it)."""
     name = cfg.model_name
     cand = get_version(mlflow_client, name, version=candidate_version)
     champ = alias_version(mlflow_client, name, cfg.champion_alias)
@@ -167,6 +168,11 @@ def gate(mlflow_client, cfg: RegisterConfig, candidate_version: str) -> GateDeci
                             str(cand.version), None)
     if str(champ.version) == str(cand.version):
         return GateDecision(False, f"v{cand.version} is already the champion", str(cand.version), before)
+    if champ.tags.get(FORMAT_TAG) != FORMAT:  # nothing loads it any more: the same scores must not keep it
+        set_alias(mlflow_client, name, cfg.champion_alias, cand.version)
+        return GateDecision(True, f"champion v{champ.version} is not an MLflow model lingtune can load (registered "
+                            f"by an older lingtune): v{cand.version} ({cand_score:.4f}) replaces it",
+                            str(cand.version), before)
     champ_score = gate_score(_eval(champ.tags), cfg.gate_metrics)
     if champ_score is not None and cand_score <= champ_score + cfg.margin:
         return GateDecision(False, f"candidate v{cand.version} scores {cand_score:.4f}, champion v{champ.version} "
