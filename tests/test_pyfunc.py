@@ -2,8 +2,9 @@
 once and named by `models:/` URI, scores as metrics of the version's run, the card as its description, the
 evaluation dataset as its run's input; a base or weights not as registered refuse to load (never another
 base); `mlflow.pyfunc.load_model("models:/lingtune@champion").predict(df)` answers as the service's task
-endpoints (checked against `bentoml serve` of the same champion), and `mlflow models serve` answers
-/invocations with the same rows."""
+endpoints (checked against `bentoml serve` of the same champion; unmerged, against `lingtune eval`'s
+engine), from several threads as one at a time, and `mlflow models serve` answers /invocations with the
+same rows."""
 
 from __future__ import annotations
 
