@@ -60,7 +60,7 @@ def measure(model_dir: str, test: str, max_examples: int, tokens: int, concurren
     from vllm import SamplingParams
 
     from lingtune.formats import read_jsonl
-    from lingtune.evaluate.engine import Engine, EngineConfig
+    from lingtune.engine import Engine, EngineConfig
     from lingtune.evaluate.run import score
 
     engine = Engine(model_dir, EngineConfig(kv_cache_gb=1), enable_lora=False)  # 1 GB: ~55k tokens of Gemma 270M KV

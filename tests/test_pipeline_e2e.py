@@ -64,7 +64,7 @@ def test_repro_runs_then_skips(root, project):
     assert (work / "models/sft/adapter_model.safetensors").is_file()
     assert (work / "reports/sft.json").is_file()
     table = (work / "reports/eval/table.md").read_text()
-    from lingtune.evaluate.engine import unsupported_here
+    from lingtune.engine import unsupported_here
 
     int4_here = unsupported_here(work / "models/int4") is None  # vLLM's AVX2 build has no INT4 kernel
     assert ("| int4 |" in table) == int4_here and ("Not evaluated on this machine: int4" in table) != int4_here

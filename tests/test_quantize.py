@@ -49,7 +49,7 @@ def test_gptq_int4_of_an_adapter_generates_in_vllm(tmp_path, tiny_model_dir):
     from lingtune.formats import read_jsonl
     from lingtune import tasks
     from lingtune.errors import ModelError
-    from lingtune.evaluate.engine import Engine, EngineConfig, unsupported_here
+    from lingtune.engine import Engine, EngineConfig, unsupported_here
 
     make_adapter(tiny_model_dir, tmp_path / "models/sft", seed=1)
     card = quantize(config(tmp_path), ROOT / "tests/data/train.jsonl", log=lambda m: None)

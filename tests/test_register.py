@@ -16,14 +16,14 @@ import pytest
 from lingtune.config import parse_params
 from lingtune.artifacts import content_hash
 from lingtune.models import resolve as resolve_model
-from lingtune.register import promote, run_register
+from lingtune.register import model_card, promote, run_register
 from lingtune.errors import ModelError
 from lingtune.predictions import ScoredModel, write_validation
 from lingtune.registry import CONTENT_TAG, RegistryError, RegistryMissing, alias_version, cached_hash, client
 from test_gate import CHAMPION, answers_for
 
 
-def make_adapter(base: Path, out: Path, seed: int) -> Path:
+def make_adapter(base: Path, out: Path, seed: int, std: float = 0.02) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -33,7 +33,7 @@ def make_adapter(base: Path, out: Path, seed: int) -> Path:
                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     for name, weight in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: give every adapter its own non-trivial weights
-            torch.nn.init.normal_(weight, std=0.02)
+            torch.nn.init.normal_(weight, std=std)
     model.save_pretrained(out)
     return out
 
@@ -102,16 +102,19 @@ def test_register_gate_and_load_by_alias(project, tiny_model_dir):
     for key in ("git_commit", "params_sha256", "data.train_md5", "eval.sentiment.macro_f1", "eval.ner.f1",
                 "lingtune.base_model", "lingtune.content_sha256"):
         assert key in version.tags, key
-    assert version.tags["lingtune.kind"] == "lora" and "## Serve it" in version.description
-    assert "models:/lingtune@champion" in version.description
+    assert version.tags["lingtune.kind"] == "lora" and version.description == model_card("sft", version.tags, params,
+                                                                                         "lingtune")
+    assert "## Use it" in version.description and "models:/lingtune@champion" in version.description
 
     ref = resolve_model("models:/lingtune@champion", params.tracking.uri, str(root / "cache"))
-    assert ref.base == tiny_model_dir and ref.adapter is not None
-    stored = sorted(p.name for p in ref.adapter.iterdir() if not p.name.startswith("."))
+    assert version.tags["lingtune.base_model"] == "models:/lingtune-base/1"  # the base, from the registry
+    assert ref.base.is_relative_to(root / "cache/lingtune-base/1")
+    assert content_hash(ref.base) == content_hash(tiny_model_dir)
+    stored = sorted(p.name for p in ref.adapter.iterdir())
     assert stored == sorted(p.name for p in adapter.iterdir())  # the adapter only, no base weights
     assert content_hash(adapter) == version.tags["lingtune.content_sha256"]
     old = resolve_model("models:/lingtune/1", params.tracking.uri, str(root / "cache"))
-    assert old.adapter.parent.name == "lingtune" and old.adapter.name == "1"
+    assert old.adapter.is_relative_to(root / "cache/lingtune/1")
 
 
 def test_the_candidate_and_the_gate_read_the_validation_split_only(project, tiny_model_dir):
@@ -219,7 +222,7 @@ def test_registry_cache_serves_the_registered_content(project, tiny_model_dir):
     write_metrics(root / "reports/eval/metrics.json", 0.8, 0.4)
     run_register(params, log=lambda m: None)
     first = resolve_model("models:/lingtune/1", uri, cache).adapter
-    assert cached_hash(first) == content_hash(adapter)
+    assert content_hash(first) == content_hash(adapter)
 
     (root / "mlflow.db").unlink()  # a new store (at a new path: MLflow caches a store per URI in-process)
     params = with_store(params, root / "new.db")
@@ -228,14 +231,17 @@ def test_registry_cache_serves_the_registered_content(project, tiny_model_dir):
     store = client(params.tracking.uri)
     store.delete_model_version_tag("lingtune", "1", CONTENT_TAG)  # as registered by hand: the record alone decides
     second = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter
-    assert second == first and cached_hash(second) == content_hash(adapter)  # the new content, same folder
+    assert second == first and content_hash(second) == content_hash(adapter)  # the new content, same folder
 
     store.set_model_version_tag("lingtune", "1", CONTENT_TAG, content_hash(adapter))
     weights = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))  # the cached folder edited in place
-    assert cached_hash(weights.parent) != content_hash(adapter)
+    assert content_hash(weights.parent) != content_hash(adapter)
     again = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter
-    assert cached_hash(again) == content_hash(adapter)
+    assert content_hash(again) == content_hash(adapter)
+    (again.parents[1] / "MLmodel").write_text("not yaml: [")  # a cached MLmodel that no longer says where
+    fresh = resolve_model("models:/lingtune/1", params.tracking.uri, cache).adapter
+    assert content_hash(fresh) == content_hash(adapter)
 
     store.set_model_version_tag("lingtune", "1", CONTENT_TAG, "0" * 64)
     with pytest.raises(RegistryError, match="not what was registered") as raised:
@@ -285,7 +291,7 @@ def test_lingtune_eval_loads_the_champion(project, tiny_model_dir, root):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout[result.stdout.index("{"):])
     assert metrics["n"] > 0 and metrics["invalid_rate"] == 0
-    assert (tmp / ".cache/registry/lingtune/1/adapter_config.json").is_file()
+    assert (tmp / ".cache/registry/lingtune/1/artifacts/sft/adapter_config.json").is_file()
 
 
 def test_mlproject_has_an_entry_point_per_dvc_stage(root):

@@ -221,7 +221,7 @@ CHAT_HI = '"model": "lingtune", "messages": [{"role": "user", "content": "hi"}]'
                               % ("x" * 241)).encode(), 400, "limit is 240"),
     ("/v1/completions", b'{"model": "lingtune", "prompt": ["a", "b", "c", "d", "e"]}', 400, "limit is 4"),
     ("/v1/sentiment", ('{"text": "%s"}' % ("长" * 241)).encode(), 400, "limit is 240"),
-    ("/v1/ner", ('{"text": "%s"}' % ("长" * 235)).encode(), 400, "answer tokens exceed this server's context of 512"),
+    ("/v1/ner", ('{"text": "%s"}' % ("长" * 235)).encode(), 400, "answer tokens exceed the model's context of 512"),
     ("/v1/ner", b'{"texts": ["a", "b", "c", "d", "e"]}', 400, "limit is 4"),
     ("/v1/sentiment", b'{"text": "a", "texts": ["b"]}', 400, "exactly one"),
     ("/v1/sentiment", b'{}', 400, "exactly one"),

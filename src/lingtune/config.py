@@ -400,6 +400,9 @@ class RegisterConfig(_Section):
     """MLflow model registry: every variant registered, aliases set, a gate promotes the champion."""
 
     model_name: str = "lingtune"
+    base_model_name: str = "lingtune-base"
+    """Registered model of the base the LoRA versions run on: registered once per base content, and named
+    by each adapter version as `models:/<base_model_name>/<n>`."""
     variants: dict[str, str] = {"sft": "models/sft", "rl": "models/rl", "int4": "models/int4"}
     """Variant name (as in reports/eval/metrics.json) -> folder; folders that do not exist are skipped."""
     candidate: str = "best"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lingtune import tasks
+from lingtune.errors import DataError
 from lingtune.records import Record
 from lingtune.tasks.base import ClassificationTask, answer_ids, prompt_ids
 
@@ -66,6 +67,16 @@ class TaskDecoder:
         if step := self._one_step(task, constrained):
             ids += step.prefix_ids
         return {"prompt_token_ids": ids}
+
+    def fitting_prompt(self, task: str, text: str, max_model_len: int, index: int = 0) -> dict:
+        """The engine prompt of `text`; a DataError (naming it by `index`) when the prompt plus its answer
+        budget exceeds the context: the engine would cut the answer off, and a cut answer does not parse."""
+        prompt = self.prompt(task, text)
+        used, budget = len(prompt["prompt_token_ids"]), self.sampling(task).max_tokens
+        if used + budget > max_model_len:
+            raise DataError(f"text {index} is too long: {used} prompt tokens + {budget} answer tokens exceed "
+                            f"the model's context of {max_model_len} tokens (max_model_len)")
+        return prompt
 
     def sampling(self, task: str, constrained: bool = True):
         from vllm import SamplingParams

@@ -136,6 +136,12 @@ def describe_ignored(path: str | Path, ignored: Counter) -> str | None:
     return f"{path}: ignored keys the neutral format does not use: {keys}"
 
 
+def evaluation_records(path: str | Path, max_examples: int = 0) -> dict[str, list[Record]]:
+    """What `evaluate` scores: per task, its first `max_examples` records of the split (0 = all). The
+    register stage logs the same rows as the versions' evaluation dataset."""
+    return {task: read_jsonl(path, task=task)[: max_examples or None] for task in tasks.TASKS}
+
+
 def write_jsonl(path: str | Path, records: Iterable[Record]) -> int:
     """Write a neutral-format file atomically (never a half-written split)."""
     lines = [json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records]

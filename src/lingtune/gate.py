@@ -30,7 +30,7 @@ from lingtune.bootstrap import percentile_interval, resample_counts
 from lingtune.config import RegisterConfig
 from lingtune.errors import ConfigError
 from lingtune.predictions import validation_rows
-from lingtune.registry import CONTENT_TAG, alias_version, get_version, set_alias
+from lingtune.registry import CONTENT_TAG, FORMAT, FORMAT_TAG, alias_version, get_version, set_alias
 
 VAL = "val/"
 """Prefix of the validation-split metrics in reports/eval/metrics.json."""
@@ -147,6 +147,9 @@ def gate(mlflow_client, cfg: RegisterConfig, candidate_version: str, seed: int) 
         return decide(True, f"no champion yet: v{c} becomes champion")
     if before == c:
         return decide(False, f"v{c} is already the champion")
+    if champ.tags.get(FORMAT_TAG) != FORMAT:  # nothing loads it any more: keeping it would serve nothing
+        return decide(True, f"champion v{before} is not an MLflow model lingtune can load (registered by an older "
+                            f"lingtune): v{c} replaces it")
     held = validation_rows(cfg.validation_dir, champ.tags.get(CONTENT_TAG))
     if held is None:
         return decide(False, f"champion v{before} has no validation answers in {cfg.validation_dir}, so candidate "

@@ -3,16 +3,19 @@ merging and hashing them. Shared by evaluation, RL, quantization and serving.
 
 A reference resolves to a `ModelRef`: a base model folder and, for LoRA, an adapter folder on top.
 An adapter runs on the base it was trained on, the one its `adapter_config.json` records (a
-registered version: the one its `lingtune.base_model` tag names). When that base does not exist
-here the reference fails with a ModelError: an adapter on another base computes something else.
+registered version: the registered base version its `lingtune.base_model` tag names, checked against
+the content hash it was registered with). When that base does not exist here the reference fails
+with a ModelError: an adapter on another base computes something else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lingtune.artifacts import content_hash, publishing
 from lingtune.errors import ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,16 +75,18 @@ def folder_ref(folder: str | Path) -> ModelRef | None:
 
 def resolve(spec: str, tracking_uri: str = "sqlite:///mlflow.db", cache_dir: str = ".cache/registry") -> ModelRef:
     """A folder (model or LoRA adapter), or a registered version: `models:/name@alias`, `models:/name/3`
-    (downloaded to `cache_dir`, checked against its registered content hash; an adapter runs on the base
-    its version's tags name). A registered version that does not exist raises RegistryMissing; a registry
-    that fails, a plain RegistryError."""
-    from lingtune.registry import PREFIX, fetch
+    (downloaded to `cache_dir`, checked against its registered content hash; an adapter runs on the
+    registered base its version's tags name). A registered version that does not exist raises
+    RegistryMissing; a registry that fails, or an adapter whose base is gone or changed, a plain RegistryError."""
+    from lingtune.registry import BASE_SHA_TAG, PREFIX, fetch, fetch_base
 
     if spec.startswith(PREFIX):
         got = fetch(spec, tracking_uri, cache_dir)
         if got.kind != "lora":
             return ModelRef(got.folder)
-        return ModelRef(existing_base(got.base_model, f"{spec} (v{got.version})"), got.folder)
+        base = fetch_base(got.base_model, got.tags.get(BASE_SHA_TAG), f"{spec} (v{got.version})", tracking_uri,
+                          cache_dir)
+        return ModelRef(base, got.folder)
     ref = folder_ref(spec)
     if ref is None:
         raise ModelError(f"{spec}: neither a model folder ({MODEL_CONFIG}) nor a LoRA adapter ({ADAPTER_CONFIG})")
@@ -125,6 +130,21 @@ def merge(ref: ModelRef, out: Path) -> Path:
     load_model(ref, dtype=torch.bfloat16).merge_and_unload().save_pretrained(out, safe_serialization=True)
     load_tokenizer(ref.base).save_pretrained(out)
     return out
+
+
+def merged_model(base: Path, adapter: Path, cache_dir: Path) -> Path:
+    """The adapter merged into its base (bf16), once per (base, adapter content) under `cache_dir`."""
+    digest = hashlib.sha256(f"{base.resolve()}\0{content_hash(adapter)}".encode()).hexdigest()
+    out = cache_dir / f"merged-{digest[:16]}"
+    if not (out / "config.json").is_file():
+        with publishing(out) as staging:
+            merge(ModelRef(base, adapter), staging)
+    return out
+
+
+def same_model(a: Path, b: Path) -> bool:
+    """The same folder, or folders with the same content (a registered base downloaded to a cache)."""
+    return a.resolve() == b.resolve() or content_hash(a) == content_hash(b)
 
 
 def unsupported_here(model_dir: str | Path) -> str | None:

@@ -1,11 +1,16 @@
 """The MLflow model registry as lingtune uses it: versions, aliases, and `models:/` loading.
 
-A version holds only what was trained: a LoRA adapter folder, or a whole model when there is
-no base to share (the INT4 model). Its tags say what it needs to run:
+Every version is an MLflow model (the pyfunc flavor of lingtune.pyfunc) whose artifact `weights` holds
+only what was trained: a LoRA adapter folder, or a whole model when there is no base to share (the INT4
+model; the base model itself, registered once as its own registered model). Its tags say what it needs
+to run:
 
-* `lingtune.kind`: `lora` (load `lingtune.base_model` and apply the adapter) or `model`;
-* `lingtune.base_model`: the base model folder the adapter was trained on;
-* `lingtune.content_sha256`: the content hash of the registered folder (`lingtune.artifacts.content_hash`);
+* `lingtune.format`: `pyfunc` (versions registered before lingtune logged MLflow models lack it, and are
+  refused: their files are a bare folder, and their base a path on the machine that registered them);
+* `lingtune.kind`: `lora` (the base model, then the adapter) or `model`;
+* `lingtune.base_model`: the base's registered version, `models:/<base name>/<n>`, and
+  `lingtune.base_sha256` its content hash, so a base that is gone or holds another model is an error;
+* `lingtune.content_sha256`: the content hash of the `weights` folder (`lingtune.artifacts.content_hash`);
 * `lingtune.variant`, lineage (`git_commit`, `data.train_md5`, `params_sha256`) and `eval.*` scores.
 
 Errors: a RegistryMissing (a RegistryError) only when the store, the registered model, the alias or
@@ -36,11 +41,15 @@ from lingtune.errors import RegistryError, RegistryMissing
 
 PREFIX = "models:/"
 CONTENT_TAG = "lingtune.content_sha256"
+FORMAT_TAG, FORMAT = "lingtune.format", "pyfunc"
+BASE_TAG, BASE_SHA_TAG = "lingtune.base_model", "lingtune.base_sha256"
+WEIGHTS = "weights"
+"""The pyfunc artifact that holds the registered folder."""
 COMPLETE = ".complete"
 """The cache record of a finished download: source, run and content hash of the version."""
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
 __all__ = ["PREFIX", "Fetched", "RegistryError", "RegistryMissing", "alias_version", "client", "ensure_model",
-           "fetch", "get_version", "parse"]
+           "fetch", "fetch_base", "get_version", "parse", "weights_dir"]
 log = logging.getLogger(__name__)
 _NOT_MISSING = "; not a missing model: retry once the store is no longer locked, or repair or migrate it"
 
@@ -50,6 +59,7 @@ class Fetched:
     """A registered version downloaded to a local folder, and what it needs to run."""
 
     folder: Path
+    """The version's `weights` folder inside its downloaded MLflow model."""
     name: str
     version: str
     kind: str
@@ -156,19 +166,59 @@ def ensure_model(mlflow_client, name: str, description: str) -> None:
 
 
 def fetch(spec: str, tracking_uri: str, cache_dir: str | Path) -> Fetched:
-    """Resolve a `models:/` URI and download that version's files to `cache_dir/<name>/<version>`
+    """Resolve a `models:/` URI and download that version's MLflow model to `cache_dir/<name>/<version>`
     (once per version content: see the module docstring)."""
     name, alias, version = parse(spec)
     if not store_exists(tracking_uri):
         raise RegistryMissing(f"{spec}: no MLflow model registry at {tracking_uri} (run `lingtune register` first)")
     found = get_version(client(tracking_uri), name, alias, version)
-    tags = dict(found.tags)
+    tags, what = dict(found.tags), f"{spec} (v{found.version})"
+    if tags.get(FORMAT_TAG) != FORMAT:
+        raise RegistryError(f"{what} is not an MLflow model lingtune can load (no {FORMAT_TAG} tag: registered by an "
+                            "older lingtune or by hand); run `lingtune register` again")
     target = Path(cache_dir) / name / str(found.version)
     record = {"source": found.source, "run_id": found.run_id, "content_sha256": tags.get(CONTENT_TAG)}
     if not _cached(target, record):
-        _download(f"{spec} (v{found.version})", f"{PREFIX}{name}/{found.version}", target, record, tracking_uri)
-    return Fetched(target, name, str(found.version), tags.get("lingtune.kind", "model"),
-                   tags.get("lingtune.base_model"), tags)
+        _download(what, f"{PREFIX}{name}/{found.version}", target, record, tracking_uri)
+    return Fetched(weights_dir(target, what), name, str(found.version), tags.get("lingtune.kind", "model"),
+                   tags.get(BASE_TAG), tags)
+
+
+def fetch_base(base_uri: str | None, base_sha256: str | None, what: str, tracking_uri: str,
+               cache_dir: str | Path) -> Path:
+    """The weights of the base an adapter version names. Any doubt is a RegistryError, never
+    RegistryMissing (which may be answered with a fallback model): the adapter was trained on that base,
+    and on another one it computes something else."""
+    if not base_uri or not base_uri.startswith(PREFIX):
+        raise RegistryError(f"{what}: a LoRA version whose {BASE_TAG} tag is {base_uri!r}, not a models:/ URI of "
+                            "its base; run `lingtune register` again")
+    try:
+        base = fetch(base_uri, tracking_uri, cache_dir)
+    except RegistryMissing as exc:
+        raise RegistryError(f"{what}: its base model is not in the registry ({exc}); restore that version "
+                            "or register the adapter again") from None
+    got = base.tags.get(CONTENT_TAG)
+    if base.kind != "model" or not base_sha256 or got != base_sha256:
+        raise RegistryError(f"{what}: was trained on a base with {CONTENT_TAG} {str(base_sha256)[:12]}..., but "
+                            f"{base_uri} is a {base.kind} version with {str(got)[:12]}... (a recreated or edited "
+                            "registry?); register the adapter again")
+    return base.folder
+
+
+def weights_dir(model_dir: Path, what: str) -> Path:
+    """The `weights` artifact of a downloaded version, where its MLmodel file says it is."""
+    import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    try:
+        folder = model_dir / Model.load(str(model_dir)).flavors["python_function"]["artifacts"][WEIGHTS]["path"]
+    except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError) as exc:  # no MLmodel, not YAML, no weights
+        raise RegistryError(f"{what}: not a lingtune MLflow model (no pyfunc artifact {WEIGHTS!r} in its MLmodel: "
+                            f"{exc!r})") from None
+    if not folder.is_dir():
+        raise RegistryError(f"{what}: its MLmodel names the artifact {WEIGHTS!r} at {folder}, which is not there")
+    return folder
 
 
 def _cached(target: Path, record: dict) -> bool:
@@ -186,9 +236,13 @@ def _cached(target: Path, record: dict) -> bool:
     return True
 
 
-def cached_hash(folder: Path) -> str:
-    """The content hash of a downloaded version, as `lingtune register` computed it (without the record)."""
-    return content_hash(folder, exclude={COMPLETE})
+def cached_hash(folder: Path) -> str | None:
+    """The content hash of a downloaded version's weights, as `lingtune register` computed it; None when
+    its MLmodel no longer says where they are."""
+    try:
+        return content_hash(weights_dir(folder, str(folder)))
+    except RegistryError:
+        return None
 
 
 def _download(what: str, uri: str, target: Path, record: dict, tracking_uri: str) -> None:
@@ -203,7 +257,7 @@ def _download(what: str, uri: str, target: Path, record: dict, tracking_uri: str
             mlflow.set_registry_uri(tracking_uri)
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(partial), tracking_uri=tracking_uri)
         expected = record["content_sha256"]
-        if expected and (got := content_hash(partial)) != expected:
+        if expected and (got := content_hash(weights_dir(partial, what))) != expected:
             raise RegistryError(f"{what}: the downloaded files hash to {got[:12]}..., but the version was registered "
                                 f"with {CONTENT_TAG} {expected[:12]}...: its stored artifacts are not what was "
                                 "registered; nothing cached (register it again)")

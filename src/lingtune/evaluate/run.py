@@ -39,7 +39,7 @@ def score(task: str, records: list[Record], answers: list[str]) -> dict:
 
 def engine_config(params):
     """The vLLM engine of evaluation, from params.evaluate (LoRA rank from the SFT recipe)."""
-    from lingtune.evaluate.engine import EngineConfig
+    from lingtune.engine import EngineConfig
 
     cfg = params.evaluate
     return EngineConfig(max_model_len=cfg.max_model_len, max_lora_rank=cfg.max_lora_rank,
@@ -66,7 +66,7 @@ def evaluate_file(ref: ModelRef, data: Path, task: str, constrained: bool = True
                   engine_cfg=None, predictions: Path | None = None, log=_stderr) -> dict:
     """`lingtune eval`: a user's file, whose keys beyond the neutral format are dropped (and named in the
     log); with `predictions`, one error-analysis line per example goes there (lingtune.predictions)."""
-    from lingtune.evaluate.engine import Engine, EngineConfig
+    from lingtune.engine import Engine, EngineConfig
 
     tasks.get(task)  # an unknown task fails before the engine starts
     loaded = read_user_jsonl(data, task=task)
@@ -196,7 +196,7 @@ class Engines:
         self.started: dict[str, object] = {}
 
     def get(self, ref: ModelRef):
-        from lingtune.evaluate.engine import Engine
+        from lingtune.engine import Engine
 
         key = str(ref.base)
         if key not in self.started:
@@ -255,7 +255,7 @@ def champion_to_score(params, scored_hashes: set[str]) -> Champion | None:
 def run_evaluate(params) -> dict:
     """DVC stage `evaluate`: every variant on the held-back test split and on the validation split, and
     the registry's champion on validation (module docstring)."""
-    from lingtune.evaluate.engine import gpus
+    from lingtune.engine import gpus
     from lingtune.tracking import run_cost
 
     started = time.time()

@@ -5,7 +5,6 @@ attribute its app expects exists)."""
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -13,10 +12,9 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lingtune.artifacts import content_hash, publishing
 from lingtune.config import Params, ServeConfig
 from lingtune.errors import ModelError
-from lingtune.models import ModelRef, adapter_base, is_adapter, merge, resolve, unsupported_here
+from lingtune.models import adapter_base, is_adapter, merged_model, resolve, same_model, unsupported_here
 
 
 @dataclass(frozen=True)
@@ -90,17 +88,7 @@ def _unservable(folder: Path, served_base: Path) -> str | None:
         base = adapter_base(folder)
     except ModelError as exc:
         return str(exc)
-    return None if base.resolve() == served_base.resolve() else f"trained on {base}, not on the served {served_base}"
-
-
-def merged_model(base: Path, adapter: Path, cache_dir: Path) -> Path:
-    """The adapter merged into its base (bf16), once per (base, adapter content) under `cache_dir`."""
-    digest = hashlib.sha256(f"{base.resolve()}\0{content_hash(adapter)}".encode()).hexdigest()
-    out = cache_dir / f"merged-{digest[:16]}"
-    if not (out / "config.json").is_file():
-        with publishing(out) as staging:
-            merge(ModelRef(base, adapter), staging)
-    return out
+    return None if same_model(base, served_base) else f"trained on {base}, not on the served {served_base}"
 
 
 LOCAL_HOST = "127.0.0.1"

@@ -1,6 +1,6 @@
 """POST /v1/sentiment and /v1/ner: the trained prompt, constrained decoding in the trained answer
 format (so every answer parses), and validated JSON back: a label, or entities with character
-offsets (lingtune.data.prompts.locate_entities). Runs on the same vLLM engine as the OpenAI routes,
+offsets (lingtune.tasks.to_result). Runs on the same vLLM engine as the OpenAI routes,
 so task requests and chat requests are batched together. A text whose prompt and answer budget do
 not fit the context is a 400 (never a cut-off answer in a 200); a client that goes away cancels its
 generations."""
@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lingtune import tasks
 from lingtune.decoding import TaskDecoder
+from lingtune.errors import DataError
+from lingtune.tasks import to_result
 
 router = APIRouter()
 log = logging.getLogger("lingtune.serve")
@@ -45,16 +47,6 @@ class TaskRequest(BaseModel):
         return self
 
 
-def to_result(task: str, text: str, answer: str) -> dict:
-    """The task's JSON for one answer (a label, or entities with offsets plus `unlocated`: answer
-    entities whose text is not in the input); `error` only when the answer did not parse."""
-    spec = tasks.get(task)
-    parsed = spec.parse(answer)
-    if not parsed.valid:
-        return {"error": f"the answer did not parse ({parsed.error}): {answer[:200]!r}"}
-    return spec.result(text, parsed)
-
-
 async def _lora(state, name: str):
     models = state.openai_serving_models
     if models.is_base_model(name):
@@ -74,14 +66,10 @@ def decoder(state) -> TaskDecoder:
 
 def fitting_prompts(decode: TaskDecoder, task: str, texts: list[str], max_model_len: int) -> list[dict]:
     """The engine prompts of `texts`; 400 when a prompt plus its answer budget exceeds the context."""
-    budget = decode.sampling(task).max_tokens
-    prompts = [decode.prompt(task, t) for t in texts]
-    for i, prompt in enumerate(prompts):
-        used = len(prompt["prompt_token_ids"])
-        if used + budget > max_model_len:
-            raise HTTPException(400, f"text {i} is too long: {used} prompt tokens + {budget} answer tokens exceed "
-                                     f"this server's context of {max_model_len} tokens")
-    return prompts
+    try:
+        return [decode.fitting_prompt(task, text, max_model_len, i) for i, text in enumerate(texts)]
+    except DataError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 async def _answer(engine, decode: TaskDecoder, task: str, prompt: dict, lora) -> tuple[str, int, int, int]:

@@ -1,6 +1,6 @@
-"""Batched generation with vLLM for evaluation: one engine per base model, LoRA adapters per
-request, and the constrained decoding of lingtune.decoding (the same as serving), so every answer
-parses."""
+"""Batched generation with vLLM in-process: one engine per base model, LoRA adapters per request,
+and the constrained decoding of lingtune.decoding (the same as serving), so every answer parses.
+Shared by evaluation and the MLflow model (lingtune.pyfunc)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,11 @@ class Engine:
 
     def generate(self, records: list[Record], adapter: str | Path | None = None, constrained: bool = True) -> list[str]:
         prompts = [self.prompt(r, constrained) for r in records]
-        params = [self.sampling(r.task, constrained) for r in records]
+        return self.complete([r.task for r in records], prompts, adapter, constrained)
+
+    def complete(self, task_names: list[str], prompts: list[dict], adapter: str | Path | None = None,
+                 constrained: bool = True) -> list[str]:
+        """The answers to engine prompts (TaskDecoder.prompt) of the given tasks, in the trained format."""
+        params = [self.sampling(task, constrained) for task in task_names]
         outputs = self.llm.generate(prompts, params, lora_request=self._lora(adapter), use_tqdm=False)
-        return [self.decoder.answer(r.task, o.outputs[0], constrained) for r, o in zip(records, outputs)]
+        return [self.decoder.answer(task, o.outputs[0], constrained) for task, o in zip(task_names, outputs)]
