@@ -6,6 +6,8 @@ between them is generated (never edit it by hand). The same NAME may appear in s
   eval             reports/eval/metrics.json   test split, every variant: sentiment and NER scores, cost
   eval-types       reports/eval/details.json   NER F1 per entity type
   eval-time        reports/eval/metrics.json   generation seconds per variant and task
+  eval-ood         reports/eval/ood.json       out-of-domain set, every variant, and the gap to the test split
+  eval-ood-sectors reports/eval/ood.json       out-of-domain scores per sector and per entity type
   train            reports/sft.json, reports/sft_full.json
   rl               reports/rl.json             steps, reward first -> last, train seconds
   rl-consistency   reports/rl.json             agreement / valid JSON of sampled answers, SFT -> RL
@@ -13,6 +15,7 @@ between them is generated (never edit it by hand). The same NAME may appear in s
   pipeline         reports/pipeline.json       `make pipeline`: wall seconds per stage, total
   data             data/processed/card.json    examples per split and task
   data-corpus      data/processed/card.json    what the corpora gave: labels, entities, dropped texts
+  ood-set          data/ood/card.json          the out-of-domain set: texts per task, sector, label, entity type
   bench:NAME       reports/benchmarks/NAME.json   a benchmark's `--json` output, as saved by the user
   bench-other      reports/benchmarks/*.json   every saved benchmark without a bench:NAME region
 
@@ -109,6 +112,45 @@ def table_eval_time(root: Path) -> list[str]:
     rows = [[name, num(m.get("sentiment.seconds"), 1), num(m.get("ner.seconds"), 1)] for name, m in metrics.items()]
     return [source(["reports/eval/metrics.json"], "generation and scoring, seconds per variant and task"), "",
             *md_table(["variant", "sentiment s", "NER s"], rows)]
+
+
+def gap(value, reference) -> str:
+    """An out-of-domain score against the same score on the test split, in points."""
+    return "–" if value is None or reference is None else pts(value - reference)
+
+
+def table_eval_ood(root: Path) -> list[str]:
+    ood = load(root, "reports/eval/ood.json")
+    test = load(root, "reports/eval/metrics.json")
+    rows = []
+    for name, r in ood.items():
+        s, n, t = r.get("sentiment", {}), r.get("ner", {}), test.get(name, {})
+        rows.append([name, pct(s.get("accuracy")), pct(s.get("macro_f1")),
+                     gap(s.get("macro_f1"), t.get("sentiment.macro_f1")), pct(s.get("invalid_rate")),
+                     pct(n.get("precision")), pct(n.get("recall")), pct(n.get("f1")), gap(n.get("f1"), t.get("ner.f1")),
+                     pct(n.get("invalid_rate"))])
+    first = next(iter(ood.values()), {})
+    note = (f"the team-written out-of-domain set, {num(first.get('sentiment', {}).get('n'))} texts and "
+            f"{num(first.get('ner', {}).get('n'))} sentences; vs test: minus the same score on the test split")
+    return [source(["reports/eval/ood.json", "reports/eval/metrics.json"], note), "",
+            *md_table(["variant", "sentiment acc", "sentiment macro-F1", "vs test", "sentiment invalid",
+                       "NER P", "NER R", "NER F1", "vs test", "NER invalid"], rows)]
+
+
+def table_eval_ood_sectors(root: Path) -> list[str]:
+    ood = load(root, "reports/eval/ood.json")
+    names, first = list(ood), next(iter(ood.values()), {})
+    rows = []
+    for task, label, key in (("sentiment", "sentiment", "accuracy"), ("ner", "NER", "f1")):
+        for sector, m in first.get(task, {}).get("sectors", {}).items():
+            rows.append([f"{label}: {sector} ({num(m.get('n'))})", key,
+                         *(pct(ood[v][task]["sectors"].get(sector, {}).get(key)) for v in names)])
+    for etype, m in first.get("ner", {}).get("per_type", {}).items():
+        for key in ("recall", "f1"):
+            rows.append([f"NER: {etype} ({num(m.get('support'))} gold)", key,
+                         *(pct(ood[v]["ner"]["per_type"].get(etype, {}).get(key)) for v in names)])
+    return [source(["reports/eval/ood.json"], "per sector (texts or sentences) and per entity type, strict spans"), "",
+            *md_table(["scope", "metric", *names], rows, "ll" + "r" * len(names))]
 
 
 def table_train(root: Path) -> list[str]:
@@ -208,6 +250,22 @@ def table_data_corpus(root: Path) -> list[str]:
     return [source(["data/processed/card.json"]), "", *md_table(["", "count"], rows)]
 
 
+def table_ood_set(root: Path) -> list[str]:
+    card = load(root, "data/ood/card.json")
+    s, n, o = card["sentiment"], card["ner"], card["overlap"]
+    rows = [["sentiment", sector, num(sum(c.values())), num(c.get("positive")), num(c.get("negative")), "", "", ""]
+            for sector, c in s["sectors"].items()]
+    rows += [["ner", sector, num(count), "", "", *(num(n["entities_by_sector"][sector].get(t)) for t in ("PER", "LOC", "ORG"))]
+             for sector, count in n["sectors"].items()]
+    rows.append(["**total**", "", num(card["records"]), num(s["labels"].get("positive")), num(s["labels"].get("negative")),
+                 *(num(n["entities"].get(t)) for t in ("PER", "LOC", "ORG"))])
+    note = (f"{num(n.get('sentences_without_entities'))} NER sentences without an entity; against the training split "
+            f"({num(o['train'])} texts): {num(o['exact'])} exact, {num(o['ngram_contaminated'])} sharing "
+            f">= {pct(o['threshold'])} of their character {o['ngram']}-grams")
+    return [source(["data/ood/card.json"], note), "",
+            *md_table(["task", "sector", "texts", "positive", "negative", "PER", "LOC", "ORG"], rows, "llrrrrrr")]
+
+
 # -- benchmarks: whatever a script printed with --json, as a key/value table -----------------------------
 
 def flatten(value, prefix: str = "") -> list[tuple[str, object]]:
@@ -271,9 +329,10 @@ def bench_other(root: Path, claimed: set[str]) -> list[str]:
 
 
 TABLES = {"eval": table_eval, "eval-types": table_eval_types, "eval-time": table_eval_time,
+          "eval-ood": table_eval_ood, "eval-ood-sectors": table_eval_ood_sectors,
           "train": table_train, "rl": table_rl, "rl-consistency": table_rl_consistency,
           "register": table_register, "data": table_data, "data-corpus": table_data_corpus,
-          "pipeline": table_pipeline}
+          "ood-set": table_ood_set, "pipeline": table_pipeline}
 
 
 # -- regions -----------------------------------------------------------------------------------------

@@ -148,6 +148,35 @@ def test_validation_metrics_are_val_keys_and_cost_counts_both_splits():
     assert summary["compute_hours"] == 1.0 and summary["cost_usd"] == pytest.approx(0.2)
 
 
+def test_out_of_domain_metrics_are_ood_keys_and_cost_counts_them():
+    params = parse_params({"cost": {"usd_per_cpu_hour": 0.2}})
+    test = {"sentiment": {"macro_f1": 0.9, "seconds": 1800.0}, "ner": {"f1": 0.5, "seconds": 0.0}}
+    ood = {"sentiment": {"macro_f1": 0.7, "seconds": 1800.0, "sectors": {"bank": {"n": 2, "accuracy": 0.5}}},
+           "ner": {"f1": 0.3, "seconds": 0.0, "sectors": {}}}
+    summary = summarise({"sft": test}, params.cost, gpus=0, ood={"sft": ood})["sft"]
+    assert summary["sentiment.macro_f1"] == 0.9 and summary["ood/sentiment.macro_f1"] == 0.7
+    assert summary["ood/ner.f1"] == 0.3 and not any("sectors" in key for key in summary)
+    assert summary["compute_hours"] == 1.0 and summary["cost_usd"] == pytest.approx(0.2)
+
+
+def test_the_gate_reads_validation_never_the_out_of_domain_set():
+    from lingtune.gate import gate_score
+
+    keys = ["sentiment.macro_f1", "ner.f1"]
+    metrics = {"val/sentiment.macro_f1": 0.8, "val/ner.f1": 0.6, "ood/sentiment.macro_f1": 0.1, "ood/ner.f1": 0.0,
+               "sentiment.macro_f1": 0.9, "ner.f1": 0.9}
+    assert gate_score(metrics, keys) == pytest.approx(0.7)
+    assert gate_score({"ood/sentiment.macro_f1": 1.0, "ood/ner.f1": 1.0}, keys) is None  # OOD alone: unscored
+
+
+def test_a_missing_out_of_domain_set_names_the_stage_that_builds_it(tmp_path):
+    from lingtune.errors import DataError
+    from lingtune.evaluate.run import ood_set
+
+    with pytest.raises(DataError, match="lingtune ood"):
+        ood_set(tmp_path / "ood.jsonl", 0)
+
+
 class FakeEngine:
     """Stands in for the vLLM engine: each model answers by its own rule."""
 
@@ -174,10 +203,16 @@ def stage_project(tmp_path, root):
         "quantize": {"out_dir": str(tmp_path / "int4")},
         "evaluate": {"out_dir": str(tmp_path / "eval")},
         "register": {"cache_dir": str(tmp_path / "cache"), "validation_dir": str(tmp_path / "eval" / "validation")},
+        "ood": {"out": str(tmp_path / "data" / "ood.jsonl")},
     })
     (tmp_path / "data").mkdir()
     for split in ("test", "val"):
         (tmp_path / "data" / f"{split}.jsonl").write_text((root / "tests/data/val.jsonl").read_text())
+    rows = [json.loads(line) for line in (root / "tests/data/val.jsonl").read_text().splitlines()]
+    with open(tmp_path / "data" / "ood.jsonl", "w", encoding="utf-8") as handle:  # as `lingtune ood` writes it
+        for i, row in enumerate(rows):
+            sector = ("bank", "hotel_travel")[i % 2] if row["task"] == "sentiment" else ("tech_news", "bank_notice")[i % 2]
+            handle.write(json.dumps({**row, "sector": sector}, ensure_ascii=False) + "\n")
     fake_adapter(tmp_path / "sft", fake_model(tmp_path / "backbone"))
     return params
 
@@ -234,3 +269,40 @@ def test_the_stage_scores_validation_and_the_registry_champion_for_the_gate(tmp_
     run.run_evaluate(params)  # sft is champion now: its answers are scored once, as the variant
     index = json.loads((tmp_path / "eval" / "validation" / "index.json").read_text())
     assert set(index["models"]) == {"base", "sft"}
+
+
+def test_the_stage_scores_the_out_of_domain_set_beside_test_and_per_sector(tmp_path, root, monkeypatch):
+    """Every variant gets `ood/` metrics, ood.json breaks each task down by sector (scored as the whole set),
+    every answer is kept with its sector, MLflow gets `ood/` keys (not `test/ood/`), and the validation
+    answers the gate compares stay the validation split's alone."""
+    from lingtune.evaluate import run
+
+    params = stage_project(tmp_path, root)
+    monkeypatch.setattr(run.Engines, "get", lambda self, ref: FakeEngine(ref))
+    run.run_evaluate(params)
+
+    out = tmp_path / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sft"]["ood/sentiment.macro_f1"] == 1.0 and metrics["sft"]["ood/ner.f1"] == 1.0
+    assert metrics["base"]["ood/ner.recall"] == 0.0 and metrics["base"]["ood/sentiment.n"] == 23
+    assert metrics["sft"]["sentiment.macro_f1"] == 1.0  # the test split's keys are unchanged
+
+    ood = json.loads((out / "ood.json").read_text())
+    sectors = ood["base"]["sentiment"]["sectors"]
+    assert set(sectors) == {"bank", "hotel_travel"} and sum(s["n"] for s in sectors.values()) == 23
+    rows = [json.loads(line) for line in (out / "ood" / "base.jsonl").read_text().splitlines()]
+    for sector, m in sectors.items():  # base answers `positive` to everything: accuracy = the share of positives
+        labels = [r["gold"] for r in rows if r["task"] == "sentiment" and r["sector"] == sector]
+        assert m["accuracy"] == pytest.approx(labels.count("positive") / len(labels)) and m["n"] == len(labels)
+    assert set(ood["sft"]["ner"]["sectors"]) == {"tech_news", "bank_notice"}
+    assert all(s["f1"] == 1.0 for s in ood["sft"]["ner"]["sectors"].values())
+    assert len(rows) == 40 and {r["sector"] for r in rows} == {"bank", "hotel_travel", "tech_news", "bank_notice"}
+    assert "Out of domain" in (out / "table.md").read_text()
+
+    index = json.loads((out / "validation" / "index.json").read_text())
+    assert index["split"].endswith("val.jsonl") and index["models"]["sft"]["examples"] == 40
+    client = MlflowClient(params.tracking.uri)
+    runs = {r.info.run_name: r for r in client.search_runs(client.get_experiment_by_name("lingtune").experiment_id)}
+    logged = runs["evaluate-base"].data.metrics
+    assert logged["ood/sentiment.accuracy"] == metrics["base"]["ood/sentiment.accuracy"]
+    assert not any(key.startswith("test/ood/") for key in logged)

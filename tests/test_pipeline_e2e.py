@@ -1,4 +1,4 @@
-"""`dvc repro` of the whole pipeline (backbone -> prepare -> validate -> sft, sft_full -> reward -> rl ->
+"""`dvc repro` of the whole pipeline (backbone -> prepare -> validate, ood -> sft, sft_full -> reward -> rl ->
 quantize -> evaluate -> register) in a scratch copy of the project (SmolLM2, small data, a few steps of
 everything): it runs, a second run skips everything, and a validation failure stops the pipeline before
 a downstream stage writes anything."""
@@ -23,7 +23,8 @@ def run(cmd, cwd, env):
 @pytest.fixture(scope="module")
 def project(root, tmp_path_factory):
     work = tmp_path_factory.mktemp("project")
-    for item in ("dvc.yaml", "params.yaml", "src", "requirements"):
+    for item in ("dvc.yaml", "params.yaml", "src", "requirements", "data/ood/source.txt"):
+        (work / item).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (root / item).is_dir() else shutil.copy)(root / item, work / item)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["backbone"].update(name="smollm2-135m", verify_tokens=6)
@@ -53,7 +54,8 @@ def test_repro_runs_then_skips(root, project):
     assert (work / "models/backbone/model.safetensors").is_file()
     assert (work / "data/processed/test.jsonl").is_file()
     assert (work / "reports/validation.json").is_file()
-    stages = ("backbone", "prepare", "validate", "sft", "sft_full", "reward", "rl", "quantize", "evaluate", "register")
+    stages = ("backbone", "prepare", "validate", "ood", "sft", "sft_full", "reward", "rl", "quantize", "evaluate",
+              "register")
     timed = json.loads((work / "reports/pipeline.json").read_text())
     assert timed["returncode"] == 0 and {row["stage"] for row in timed["stages"]} == set(stages)
     assert all(row["status"] == "ran" and row["seconds"] > 0 for row in timed["stages"]), timed
@@ -70,6 +72,8 @@ def test_repro_runs_then_skips(root, project):
     assert ("| int4 |" in table) == int4_here and ("Not evaluated on this machine: int4" in table) != int4_here
     for variant in ("base", "sft", "sft-full", "rl"):
         assert f"| {variant} |" in table
+    metrics = json.loads((work / "reports/eval/metrics.json").read_text())
+    assert {"ood/sentiment.macro_f1", "ood/ner.f1"} <= set(metrics["sft"])  # the out-of-domain set, beside test
     assert (work / "models/rl/adapter_model.safetensors").is_file()
     assert (work / "models/int4/config.json").is_file()
     assert "champion" in (work / "reports/register.json").read_text()

@@ -126,6 +126,11 @@ def test_pipeline_files_stay_strict(tmp_path):
         read_jsonl(path)
     loaded = read_user_jsonl(path)
     assert loaded.records == [Record(text="好书", label="positive")] and dict(loaded.ignored) == {"sector": 1}
+    both = write_jsonl(tmp_path / "both.jsonl", [{"text": "好书", "label": "positive", "sector": "books"},
+                                                 {"text": "江泽民", "entities": [], "sector": "news", "url": "u"},
+                                                 {"text": "差", "label": "negative"}])
+    assert read_user_jsonl(both).extras == [{"sector": "books"}, {"sector": "news", "url": "u"}, {}]
+    assert read_user_jsonl(both, task="sentiment").extras == [{"sector": "books"}, {}]  # aligned with the records
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "好书", "label": "so-so", "sector": "books"}])
     with pytest.raises(FormatError, match="bad.jsonl:1: label"):  # the rest is checked as strictly
         read_user_jsonl(bad)

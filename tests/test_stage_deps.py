@@ -34,8 +34,8 @@ def needed(root, stage: dict) -> set[str]:
     return {f"src/{path.as_posix()}" for module in command_modules(root, command) for path in stage_code(module)}
 
 
-@pytest.mark.parametrize("name", ["backbone", "prepare", "validate", "sft", "sft_full", "evaluate", "reward", "rl",
-                                  "quantize", "register"])
+@pytest.mark.parametrize("name", ["backbone", "prepare", "validate", "ood", "sft", "sft_full", "evaluate", "reward",
+                                  "rl", "quantize", "register"])
 def test_every_imported_source_file_is_a_dep(root, name):
     stage = stages(root)[name]
     deps = set(stage.get("deps", []))
@@ -43,8 +43,8 @@ def test_every_imported_source_file_is_a_dep(root, name):
     assert not missing, f"dvc.yaml stage {name} lacks deps:\n" + "\n".join(f"      - {m}" for m in missing)
 
 
-@pytest.mark.parametrize("name", ["backbone", "prepare", "validate", "sft", "sft_full", "evaluate", "reward", "rl",
-                                  "quantize", "register"])
+@pytest.mark.parametrize("name", ["backbone", "prepare", "validate", "ood", "sft", "sft_full", "evaluate", "reward",
+                                  "rl", "quantize", "register"])
 def test_no_source_dep_the_stage_does_not_run(root, name):
     """A listed lingtune file the stage no longer imports would rerun it for nothing (quantize_worker.py is
     run by path in its own environment, not imported)."""
@@ -62,8 +62,8 @@ def test_listed_source_deps_exist_and_are_files(root):
 
 
 def test_every_stage_is_checked(root):
-    assert set(stages(root)) == {"backbone", "prepare", "validate", "sft", "sft_full", "evaluate", "reward", "rl",
-                                 "quantize", "register"}
+    assert set(stages(root)) == {"backbone", "prepare", "validate", "ood", "sft", "sft_full", "evaluate", "reward",
+                                 "rl", "quantize", "register"}
 
 
 def test_stage_code_follows_lazy_imports_and_packages():

@@ -72,6 +72,18 @@ def validate(params: Path = ParamsOption) -> None:
 
 
 @app.command()
+def ood(params: Path = ParamsOption) -> None:
+    """DVC stage: build the out-of-domain evaluation set from its annotated source, checked against training."""
+    from lingtune.data.ood import ood_stage
+
+    cfg = _params(params)
+    card = ood_stage(cfg)
+    typer.echo(f"out-of-domain set: {card['sentiment']['total']} sentiment texts {card['sentiment']['labels']}, "
+               f"{card['ner']['total']} NER sentences, entities {card['ner']['entities']}; "
+               f"overlap with training: none; {cfg.ood.out}")
+
+
+@app.command()
 def sft(params: Path = ParamsOption,
         full: bool = typer.Option(False, "--full", help="train the full-parameter baseline (params section sft_full)")) -> None:
     """Fine-tune the backbone (LoRA, QLoRA or full); the same command resumes an interrupted run."""

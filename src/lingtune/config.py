@@ -197,7 +197,7 @@ class EvaluateConfig(_Section):
     constrained: bool = True
     """Constrained decoding (choice for sentiment, the answer format's regex for NER)."""
     max_examples: int = Field(0, ge=0)
-    """Per task, from the test and the validation split each; 0 = all."""
+    """Per task, from the test split, the validation split and the out-of-domain set each; 0 = all."""
     max_tokens_ner: int = Field(256, ge=16)
     max_model_len: int = Field(640, ge=64)
     max_lora_rank: int = Field(8, ge=1)
@@ -206,6 +206,18 @@ class EvaluateConfig(_Section):
     cpu_threads_bind: str = Field("all", min_length=1)
     """vLLM CPU engine threads: all | auto | a vLLM CPU list such as 0-3 (lingtune.env.bind_vllm_cpu_threads)."""
     out_dir: str = "reports/eval"
+
+
+class OodConfig(_Section):
+    """Stage `ood`: the out-of-domain evaluation set the team wrote and annotated (docs/data.md#out-of-domain-set).
+    The evaluate stage scores every variant on it beside the test split; the registry gate never reads it."""
+
+    source: str = "data/ood/source.txt"
+    """Texts with inline annotations, in git: the set's one source of truth (lingtune.data.ood)."""
+    out: str = "data/ood/ood.jsonl"
+    """The built set: the neutral format plus a `sector` key per record; a DVC output."""
+    card: str = "data/ood/card.json"
+    """Counts per task, label, sector and entity type, and the overlap check against the training split."""
 
 
 class JudgeConfig(_Section):
@@ -437,6 +449,7 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     sft: SFTConfig = SFTConfig()
+    ood: OodConfig = OodConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     reward: RewardConfig = RewardConfig()
     rl: RLConfig = RLConfig()

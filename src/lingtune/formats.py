@@ -84,6 +84,9 @@ class UserFile:
     ignored: Counter = field(default_factory=Counter)
     """Key -> records that carried it, for keys the neutral format does not define (`entities[].x`
     for a key inside an entity)."""
+    extras: list[dict] = field(default_factory=list)
+    """Each record's top-level keys the format does not define, with their values, in the order of
+    `records` (a `sector` column to break scores down by)."""
 
 
 def drop_unknown_keys(raw: object, ignored: Counter) -> object:
@@ -100,32 +103,36 @@ def drop_unknown_keys(raw: object, ignored: Counter) -> object:
     return kept
 
 
-def _read(path: str | Path, task: str | None, ignored: Counter | None) -> list[Record]:
-    records = []
+def _read(path: str | Path, task: str | None, ignored: Counter | None) -> tuple[list[Record], list[dict]]:
+    """The records (of `task`) and each one's keys beyond the format; with `ignored` None, such a key is an error."""
+    records, extras = [], []
     for where, line in numbered_lines(path):
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
             raise FormatError(f"{where}: not JSON ({exc.msg})") from None
+        extra = {k: v for k, v in raw.items() if k not in RECORD_KEYS} if isinstance(raw, dict) else {}
         if ignored is not None:
             raw = drop_unknown_keys(raw, ignored)
         record = parse_record(align_labels(raw), where)
         if task is None or record.task == task:
             records.append(record)
-    return records
+            extras.append(extra)
+    return records, extras
 
 
 def read_jsonl(path: str | Path, task: str | None = None) -> list[Record]:
     """Read and validate a neutral-format file, strictly (an unknown key is an error); with `task`, keep
     that task's records only."""
-    return _read(path, task, None)
+    return _read(path, task, None)[0]
 
 
 def read_user_jsonl(path: str | Path, task: str | None = None) -> UserFile:
     """`read_jsonl` for a file a user brings to evaluate: keys the format does not define are dropped and
     counted, not refused; everything else is checked as strictly."""
     ignored: Counter = Counter()
-    return UserFile(_read(path, task, ignored), ignored)
+    records, extras = _read(path, task, ignored)
+    return UserFile(records, ignored, extras)
 
 
 def describe_ignored(path: str | Path, ignored: Counter) -> str | None:

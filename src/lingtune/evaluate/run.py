@@ -1,10 +1,11 @@
 """Scoring generated answers, `lingtune eval` on any file, and the DVC stage `evaluate`.
 
-The stage scores every variant on the test split (the table: test numbers only report) and on the
+The stage scores every variant on the test split (the table: test numbers only report), on the
 validation split (`val/` keys in metrics.json, and each example's answer in `validation/`, which the
-registry gate compares; lingtune.gate). The registry's champion is scored on validation too when its
-content is none of the variants' (a version from an earlier run), so the gate compares the candidate
-with it on the same examples.
+registry gate compares; lingtune.gate) and on the out-of-domain set the team wrote (`ood/` keys, a
+breakdown per sector in ood.json, each answer in `ood/`; it only reports, like test). The registry's
+champion is scored on validation too when its content is none of the variants' (a version from an
+earlier run), so the gate compares the candidate with it on the same examples.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lingtune import tasks
-from lingtune.artifacts import content_hash, write_json, write_jsonl, write_text
+from lingtune.artifacts import content_hash, publishing, write_json, write_jsonl, write_text
 from lingtune.config import CostConfig
 from lingtune.errors import DataError
 from lingtune.formats import describe_ignored, read_jsonl, read_user_jsonl
@@ -27,6 +28,10 @@ from lingtune.records import Record
 
 VAL = "val/"
 """Prefix of validation-split metrics in metrics.json and MLflow (test metrics have none / `test/`)."""
+OOD = "ood/"
+"""Prefix of the out-of-domain set's metrics in metrics.json and MLflow."""
+UNSPECIFIED = "unspecified"
+"""The sector of an out-of-domain record without a `sector` key."""
 
 
 def _stderr(message: str) -> None:
@@ -134,17 +139,19 @@ def comparison_table(results: dict, costs: dict[str, float] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
-def summarise(results: dict, cost: CostConfig, gpus: int, validation: dict | None = None) -> dict:
-    """metrics.json: per variant, every numeric test metric as `task.key` and validation metric as
-    `val/task.key`, plus the `compute_hours` and `cost_usd` of its generation and scoring on both splits
-    (the sum of the seconds; the engine's start-up, shared by the variants, is in the stage run's cost only)."""
+def summarise(results: dict, cost: CostConfig, gpus: int, validation: dict | None = None,
+              ood: dict | None = None) -> dict:
+    """metrics.json: per variant, every numeric test metric as `task.key`, validation metric as
+    `val/task.key` and out-of-domain metric as `ood/task.key`, plus the `compute_hours` and `cost_usd` of
+    its generation and scoring on all three (the sum of the seconds; the engine's start-up, shared by the
+    variants, is in the stage run's cost only)."""
     from lingtune.tracking import run_cost
 
     summary = {}
     for name, r in results.items():
-        val = (validation or {}).get(name, {})
-        seconds = sum(m["seconds"] for m in (*r.values(), *val.values()))
-        summary[name] = {**_flat(r), **_flat(val, VAL), **run_cost(cost, seconds, gpus)}
+        val, outside = (validation or {}).get(name, {}), (ood or {}).get(name, {})
+        seconds = sum(m["seconds"] for m in (*r.values(), *val.values(), *outside.values()))
+        summary[name] = {**_flat(r), **_flat(val, VAL), **_flat(outside, OOD), **run_cost(cost, seconds, gpus)}
     return summary
 
 
@@ -177,6 +184,27 @@ def split_records(path: Path, limit: int) -> dict[str, list[Record]]:
     return {task: read_jsonl(path, task=task)[: limit or None] for task in tasks.TASKS}
 
 
+@dataclass
+class OodSet:
+    records: dict[str, list[Record]]
+    sectors: dict[str, list[str]]
+    """Per task, each record's sector, in the order of `records`."""
+
+
+def ood_set(path: Path, limit: int) -> OodSet:
+    """The out-of-domain set per task, the first `limit` of each (0: all). Read with the user-file reader
+    on purpose: its records carry a `sector` key, which the pipeline's strict format does not define and
+    the breakdown needs."""
+    if not path.is_file():
+        raise DataError(f"{path}: no out-of-domain set (`lingtune ood` builds it)")
+    records, sectors = {}, {}
+    for task in tasks.TASKS:
+        loaded = read_user_jsonl(path, task=task)
+        records[task] = loaded.records[: limit or None]
+        sectors[task] = [str(extra.get("sector", UNSPECIFIED)) for extra in loaded.extras][: limit or None]
+    return OodSet(records, sectors)
+
+
 def runnable(found: dict[str, Variant]) -> tuple[dict[str, Variant], dict[str, str]]:
     """The variants vLLM can run here, and the reason for each it cannot (said in the log and in the table)."""
     from lingtune.models import unsupported_here
@@ -204,17 +232,45 @@ class Engines:
         return self.started[key]
 
 
-def run_split(engines: Engines, label: str, ref: ModelRef, records: dict[str, list[Record]],
-              constrained: bool) -> tuple[dict, list[dict]]:
-    """A model's metrics per task (with the seconds generation and scoring took) and one row per example."""
-    metrics, rows = {}, []
+def answer_split(engines: Engines, label: str, ref: ModelRef, records: dict[str, list[Record]],
+                 constrained: bool) -> tuple[dict, dict[str, list[str]]]:
+    """A model's metrics per task (with the seconds generation and scoring took) and its answers per task."""
+    metrics, answers = {}, {}
     for task, recs in records.items():
         started = time.time()
-        answers = engines.get(ref).generate(recs, adapter=ref.adapter, constrained=constrained)
-        metrics[task] = {**score(task, recs, answers), "seconds": round(time.time() - started, 1)}
-        rows += example_rows(recs, answers)
+        answers[task] = engines.get(ref).generate(recs, adapter=ref.adapter, constrained=constrained)
+        metrics[task] = {**score(task, recs, answers[task]), "seconds": round(time.time() - started, 1)}
         _stderr(f"evaluate {label} {task}: {len(recs)} examples in {metrics[task]['seconds']:.0f} s")
+    return metrics, answers
+
+
+def run_split(engines: Engines, label: str, ref: ModelRef, records: dict[str, list[Record]],
+              constrained: bool) -> tuple[dict, list[dict]]:
+    """A model's metrics per task and one row per example."""
+    metrics, answers = answer_split(engines, label, ref, records, constrained)
+    return metrics, [row for task, recs in records.items() for row in example_rows(recs, answers[task])]
+
+
+def run_ood(engines: Engines, label: str, ref: ModelRef, ood: OodSet, constrained: bool) -> tuple[dict, list[dict]]:
+    """A model's metrics per task on the out-of-domain set, each with a `sectors` breakdown, and one row
+    per example with its sector."""
+    metrics, answers = answer_split(engines, f"{label} out-of-domain", ref, ood.records, constrained)
+    rows = []
+    for task, recs in ood.records.items():
+        metrics[task]["sectors"] = sector_metrics(task, recs, answers[task], ood.sectors[task])
+        rows += [{**row, "sector": sector} for row, sector in zip(example_rows(recs, answers[task]), ood.sectors[task])]
     return metrics, rows
+
+
+def sector_metrics(task: str, records: list[Record], answers: list[str], sectors: list[str]) -> dict[str, dict]:
+    """Each sector's count, summary metrics and invalid rate, scored as the whole set is."""
+    keys = ("n", *tasks.get(task).summary_keys, "invalid_rate")
+    breakdown = {}
+    for sector in dict.fromkeys(sectors):
+        picked = [i for i, s in enumerate(sectors) if s == sector]
+        metrics = score(task, [records[i] for i in picked], [answers[i] for i in picked])
+        breakdown[sector] = {k: metrics[k] for k in keys}
+    return breakdown
 
 
 def model_hash(ref: ModelRef) -> str:
@@ -262,49 +318,64 @@ def run_evaluate(params) -> dict:
     cfg = params.evaluate
     test, val = (split_records(Path(params.data.out_dir) / f"{split}.jsonl", cfg.max_examples)
                  for split in ("test", "val"))
+    ood = ood_set(Path(params.ood.out), cfg.max_examples)
     found, skipped = runnable(variants(params))
     hashes = {name: model_hash(v.ref) for name, v in found.items()}
     champion = champion_to_score(params, set(hashes.values()))
     engines = Engines(engine_config(params), [v.ref for v in found.values()] + ([champion.ref] if champion else []))
-    results, validation, scored = {}, {}, []
+    results, validation, outside, scored, ood_rows = {}, {}, {}, [], {}
     for name, variant in found.items():
         results[name], _ = run_split(engines, name, variant.ref, test, cfg.constrained)
         validation[name], rows = run_split(engines, f"{name} validation", variant.ref, val, cfg.constrained)
+        outside[name], ood_rows[name] = run_ood(engines, name, variant.ref, ood, cfg.constrained)
         scored.append(ScoredModel(name, str(variant.ref.adapter or variant.ref.base), hashes[name], rows))
     if champion:
         _, rows = run_split(engines, f"champion v{champion.version} validation", champion.ref, val, cfg.constrained)
         scored.append(ScoredModel("champion", champion.uri, champion.content_sha256, rows, champion.version))
     out = Path(cfg.out_dir)
-    summary = summarise(results, params.cost, gpus(), validation)
-    write_reports(out, results, summary, skipped)
+    summary = summarise(results, params.cost, gpus(), validation, outside)
+    write_reports(out, results, summary, skipped, outside)
+    write_answers(out / "ood", ood_rows)
     write_validation(out / "validation", str(Path(params.data.out_dir) / "val.jsonl"), scored)
     log_to_mlflow(params, found, summary, out, run_cost(params.cost, time.time() - started, gpus()))
     return results
 
 
-def write_reports(out: Path, results: dict, summary: dict, skipped: dict[str, str]) -> None:
-    """metrics.json (both splits), details.json, table.md and the plots (the test split)."""
+def write_reports(out: Path, results: dict, summary: dict, skipped: dict[str, str], ood: dict | None = None) -> None:
+    """metrics.json (all splits), details.json, table.md and the plots (the test split), ood.json (the
+    out-of-domain metrics with their sector breakdown; table.md shows them below the test table)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", summary)
     write_json(out / "details.json", results)
     costs = {name: m["cost_usd"] for name, m in summary.items()}
-    write_text(out / "table.md", comparison_table(results, costs) + "".join(
-        f"\nNot evaluated on this machine: {name} ({reason}).\n" for name, reason in skipped.items()))
+    table = comparison_table(results, costs) + "".join(
+        f"\nNot evaluated on this machine: {name} ({reason}).\n" for name, reason in skipped.items())
+    if ood:
+        write_json(out / "ood.json", ood)
+        table += "\nOut of domain (the team-written set, `lingtune ood`):\n\n" + comparison_table(ood, costs)
+    write_text(out / "table.md", table)
     write_plots(results, out)
+
+
+def write_answers(folder: Path, rows: dict[str, list[dict]]) -> None:
+    """One file of per-example rows per model, the folder replaced whole (no file of an earlier run stays)."""
+    with publishing(folder) as staging:
+        for name, model_rows in rows.items():
+            write_jsonl(staging / f"{name}.jsonl", model_rows)
 
 
 def log_to_mlflow(params, found: dict, summary: dict, out: Path, cost: dict[str, float]) -> None:
     """One run per variant: the run that trained it (test metrics under `test/`, so `test/cost_usd` sits
-    beside the training's own `cost_usd`; validation metrics under `val/`), or a run of its own for the
-    base model; plus the stage's run holding the comparison table and plots, with the whole stage's
-    `cost` (`compute_hours`, `cost_usd`)."""
+    beside the training's own `cost_usd`; validation metrics under `val/`, out-of-domain ones under
+    `ood/`), or a run of its own for the base model; plus the stage's run holding the comparison table and
+    plots, with the whole stage's `cost` (`compute_hours`, `cost_usd`)."""
     import mlflow
 
     from lingtune.tracking import stage_run
 
     mlflow.set_tracking_uri(params.tracking.uri)
     for name, variant in found.items():
-        metrics = {k if k.startswith(VAL) else f"test/{k}": v for k, v in summary[name].items()}
+        metrics = {k if k.startswith((VAL, OOD)) else f"test/{k}": v for k, v in summary[name].items()}
         tags = {"lingtune.variant": name}
         if variant.training_run_id and _run_exists(params.tracking.uri, variant.training_run_id):
             with mlflow.start_run(run_id=variant.training_run_id):
