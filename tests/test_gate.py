@@ -15,7 +15,7 @@ from lingtune.errors import ConfigError
 from lingtune.gate import gate, paired_lead
 from lingtune.predictions import ScoredModel, example_rows, write_validation
 from lingtune.records import Entity, Record
-from lingtune.registry import CONTENT_TAG, alias_version, client
+from lingtune.registry import CONTENT_TAG, FORMAT, FORMAT_TAG, alias_version, client
 
 SENTIMENT = [Record(text=f"第{i}条评论", label=("positive", "negative")[i % 2]) for i in range(60)]
 NER = [Record(text=f"张三在北京工作{i}。", entities=(Entity(start=0, end=2, type="PER", text="张三"),
@@ -49,7 +49,8 @@ def registry(tmp_path):
     cfg = RegisterConfig(validation_dir=str(tmp_path / "validation"))
 
     def version(sha: str) -> str:
-        return str(mlflow_client.create_model_version("lingtune", source=str(tmp_path), tags={CONTENT_TAG: sha}).version)
+        tags = {CONTENT_TAG: sha, FORMAT_TAG: FORMAT}
+        return str(mlflow_client.create_model_version("lingtune", source=str(tmp_path), tags=tags).version)
 
     def scored(**models: list[dict]) -> None:  # content hash -> validation rows, as `lingtune evaluate` writes them
         write_validation(cfg.validation_dir, "val.jsonl", [ScoredModel(sha, sha, sha, rows) for sha, rows in models.items()])
@@ -91,6 +92,19 @@ def test_a_clear_lead_is_promoted_and_the_margin_applies_to_the_lower_bound(regi
     assert decision.promoted and champion_of(mlflow_client) == new and decision.champion_before == old
     assert "better beyond the noise" in decision.reason and "2000 resamples of 90 examples" in decision.reason
     assert gate(mlflow_client, cfg, new, seed=0).reason == f"v{new} is already the champion"
+
+
+def test_an_old_format_champion_is_replaced_by_a_scored_candidate(registry):
+    """A champion an older lingtune registered is not an MLflow model: nothing loads it, so equal scores
+    must not keep it (serving would refuse it). An unscored candidate still does not replace it."""
+    mlflow_client, cfg, version, scored = registry
+    old = str(mlflow_client.create_model_version("lingtune", source="x", tags={CONTENT_TAG: "old"}).version)
+    unscored, new = version("unscored"), version("new")
+    with_champion(mlflow_client, old)
+    scored(old=CHAMPION, new=CHAMPION)
+    assert not gate(mlflow_client, cfg, unscored, seed=0).promoted
+    decision = gate(mlflow_client, cfg, new, seed=0)
+    assert decision.promoted and champion_of(mlflow_client) == new and "older lingtune" in decision.reason
 
 
 def test_the_interval_is_the_same_every_time():
