@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_pyfunc import FRAME, NER, SENTIMENT, free_port, make_project, quiet, running, served_rows, wait_ready
+from test_pyfunc import (FRAME, NER, SENTIMENT, free_port, make_project, promote_unconditionally, quiet, running,
+                         served_rows, wait_ready)
 from test_register import make_adapter, write_metrics
 
 from lingtune.artifacts import content_hash
@@ -48,6 +49,7 @@ def champion(tiny_model_dir, tmp_path_factory):
         patch.chdir(root)
         make_adapter(tiny_model_dir, root / "models/sft", seed=2, std=0.3)
         write_metrics(root / "reports/eval/metrics.json", 0.8, 0.4)
+        patch.setattr("lingtune.register.gate", promote_unconditionally)  # the gate is tests/test_gate.py's
         run_register(parse_params(raw), log=quiet)
     return root, parse_params(raw)
 

@@ -218,17 +218,21 @@ def stage_project(tmp_path, root):
 
 
 def register_version(params, folder, champion: bool) -> str:
-    from lingtune.artifacts import content_hash
-    from lingtune.registry import CONTENT_TAG, client
+    """`folder` as a whole-model version, registered as `lingtune register` does (an MLflow model)."""
+    import mlflow
 
+    from lingtune.register import Evaluation, lineage_tags, register_variant
+    from lingtune.registry import client, ensure_model
+
+    mlflow.set_tracking_uri(params.tracking.uri)
+    mlflow.set_experiment(params.tracking.experiment)
     mlflow_client = client(params.tracking.uri)
-    if not mlflow_client.search_registered_models(f"name='{params.register_.model_name}'"):
-        mlflow_client.create_registered_model(params.register_.model_name)
-    version = mlflow_client.create_model_version(params.register_.model_name, source=str(folder),
-                                                 tags={CONTENT_TAG: content_hash(folder), "lingtune.kind": "model"})
+    ensure_model(mlflow_client, params.register_.model_name, description="test")
+    unscored = Evaluation({}, None, params.register_.gate_metrics)
+    version, _ = register_variant(mlflow_client, params, "old", folder, lineage_tags(params), unscored, None)
     if champion:
-        mlflow_client.set_registered_model_alias(params.register_.model_name, "champion", version.version)
-    return str(version.version)
+        mlflow_client.set_registered_model_alias(params.register_.model_name, "champion", version)
+    return version
 
 
 def test_the_stage_scores_validation_and_the_registry_champion_for_the_gate(tmp_path, root, monkeypatch):

@@ -59,9 +59,22 @@ def project(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.chdir(tmp_path)
     params = parse_params(make_project(tmp_path, tiny_model_dir))
     mlflow.set_tracking_uri(params.tracking.uri)
+    mlflow.set_registry_uri(params.tracking.uri)  # registry downloads set it process-wide (lingtune.registry)
     make_adapter(tiny_model_dir, tmp_path / "models/sft", seed=1)
     write_metrics(tmp_path / "reports/eval/metrics.json", 0.8, 0.4)
+    monkeypatch.setattr("lingtune.register.gate", promote_unconditionally)
     return tmp_path, params
+
+
+def promote_unconditionally(mlflow_client, cfg, version: str, seed: int):
+    """These tests are about what a version is, not about the gate (tests/test_gate.py): the candidate
+    becomes champion, as `lingtune promote --force` would make it."""
+    from lingtune.gate import GateDecision
+    from lingtune.registry import alias_version, set_alias
+
+    before = alias_version(mlflow_client, cfg.model_name, cfg.champion_alias)
+    set_alias(mlflow_client, cfg.model_name, cfg.champion_alias, version)
+    return GateDecision(True, "promoted by the test", version, str(before.version) if before else None)
 
 
 def quiet(message: str) -> None:
@@ -105,7 +118,8 @@ def test_scores_are_metrics_the_card_is_the_description_the_test_split_an_input(
     assert version.description == model_card("sft", version.tags, params, "lingtune")
     run = store.get_run(version.run_id)
     assert run.data.metrics["test/sentiment.macro_f1"] == 0.8 and run.data.metrics["test/ner.f1"] == 0.4
-    assert run.data.metrics["test/gate_score"] == pytest.approx(0.6)
+    assert run.data.metrics["val/sentiment.macro_f1"] == 0.8 and "test/val/sentiment.macro_f1" not in run.data.metrics
+    assert run.data.metrics["val/gate_score"] == pytest.approx(0.6)  # the gate decides on validation
     linked = {m.key: m for m in store.get_logged_model(logged_model_id(version)).metrics}
     assert linked["test/ner.f1"].value == 0.4 and linked["test/ner.f1"].dataset_name == "test"
 
@@ -150,7 +164,7 @@ def test_a_base_that_is_gone_or_changed_is_an_error_never_a_fallback(project, ti
     refused("not an MLflow model lingtune can load")
     upgraded = run_register(params, log=quiet)
     assert upgraded["versions"] == {"sft": "2"}  # the same adapter, now a real MLflow model, and the champion:
-    assert upgraded["champion"] == "2" and "registered by an older lingtune" in upgraded["reason"]  # same scores
+    assert upgraded["champion"] == "2"  # the gate's rule for an older lingtune's champion: tests/test_gate.py
 
     store.delete_model_version("lingtune-base", "1")
     refused("its base model is not in the registry", "models:/lingtune/2")
@@ -250,8 +264,10 @@ def champion(tiny_model_dir, tmp_path_factory):
         params = parse_params(make_project(root, tiny_model_dir))
         make_adapter(tiny_model_dir, root / "models/sft", seed=2, std=0.3)
         write_metrics(root / "reports/eval/metrics.json", 0.8, 0.4)
+        patch.setattr("lingtune.register.gate", promote_unconditionally)
         run_register(params, log=quiet)
     mlflow.set_tracking_uri(params.tracking.uri)
+    mlflow.set_registry_uri(params.tracking.uri)
     return root, params
 
 
