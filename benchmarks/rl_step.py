@@ -71,7 +71,7 @@ def main() -> None:
     rl = params.rl.model_copy(update={"max_steps": args.steps, "save_steps": 10_000,
                                       **({"precision": args.precision} if args.precision else {})})
     params = params.model_copy(update={"rl": rl})
-    model, tokenizer = load_policy(rl.sft_dir, params.backbone.out_dir, trainable=True)
+    model, tokenizer = load_policy(rl.sft_dir, trainable=True)
     records = prompt_set(Path(params.data.out_dir) / "val.jsonl", 1)  # one review, one sentence
     with Clock() as sampling:
         sample_answers(model, tokenizer, records, params.reward.samples, params.reward.temperature,

@@ -12,14 +12,17 @@ full fine-tuning, and an RL step at the shipped settings.
    * `sft-eager` the same with `sft.compile: none`, to show what compiling buys;
    * `plain` a plain transformers + peft loop: fp32, LoRA of the same rank, logits for every position;
    * `full`  lingtune's full fine-tuning step (`sft_full` params), for the memory ratio;
-   * `rl`    TRL RLOO steps of the `rl` stage (`rl.*` and `reward.*` params, the real SFT adapter).
+   * `rl`    TRL RLOO steps of the `rl` stage (`rl.*` and `reward.*` params, the real SFT adapter);
+   * `rl-every-row` the same steps with TRL's own CPU log-prob scoring (the LM head on every prompt,
+             completion and padding position, not only the completion tokens: see
+             `lingtune.train.rl.completion_rows_only`), to show what scoring the completions only buys.
 3. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, attention, forward and
    backward as dispatched) on the same batches in a separate, untimed pass; for RL, on one extra step
    (generation, log-probs of policy and reference, the update). Achieved FLOP/s = FLOPs / timed
    seconds; `*_roofline_fraction` = achieved / `peak_gflops`. Above 1 the benchmark stops with an error.
 
 JSON keys: `peak_gflops`, `peak_spread`, `sft_tokens_per_s`, `sft_roofline_fraction`, `sft_speedup_vs_plain`,
-`rl_seconds_per_step`, `rl_roofline_fraction`, `lora_vs_full_peak_ratio`, and `configs.<name>` with the
+`rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `lora_vs_full_peak_ratio`, and `configs.<name>` with the
 details (step seconds per step, tokens and FLOPs per step, peak RSS).
 
 Usage: python benchmarks/train_speed.py [--steps 6] [--rl-steps 2] [--configs sft,plain,full,rl] [--json]
@@ -42,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe
 
-CONFIGS = ("sft", "sft-eager", "plain", "full", "rl")
+CONFIGS = ("sft", "sft-eager", "plain", "full", "rl", "rl-every-row")
 
 
 def peak_flops(threads: int, trials: int) -> tuple[float, float]:
@@ -160,8 +163,9 @@ def run_sft_config(config: str, params, steps: int) -> dict:
             "tokens_per_s": round(sum(tokens) / sum(seconds), 1), "flops_per_s": sum(flops) / sum(seconds)}
 
 
-def run_rl_config(params, steps: int) -> dict:
-    """`steps` timed RLOO steps after one warm-up step, then one step under the FLOP counter."""
+def run_rl_config(params, steps: int, every_row: bool) -> dict:
+    """`steps` timed RLOO steps after one warm-up step, then one step under the FLOP counter. With
+    `every_row`, the trainer class's own `train` (TRL's scoring of every position) instead of lingtune's."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import TrainerCallback
@@ -173,7 +177,7 @@ def run_rl_config(params, steps: int) -> dict:
 
     rl = params.rl.model_copy(update={"max_steps": steps + 2, "save_steps": 10_000})
     params = params.model_copy(update={"rl": rl})
-    model, tokenizer = load_policy(rl.sft_dir, params.backbone.out_dir, trainable=True)
+    model, tokenizer = load_policy(rl.sft_dir, trainable=True)
     dataset = prompt_dataset(Path(params.data.out_dir) / "train.jsonl", rl.max_prompts, params.seed)
 
     class Clock(TrainerCallback):
@@ -197,9 +201,11 @@ def run_rl_config(params, steps: int) -> dict:
         trainer = build_trainer(params, model, tokenizer, dataset, make_judge(params.reward.judge), out)
         trainer.remove_callback(MLflowCallback)
         trainer.add_callback(clock)
-        trainer.train()
+        train = super(type(trainer), trainer).train if every_row else trainer.train
+        train()
     mean = statistics.mean(clock.seconds)
-    return {"config": "rl", "algorithm": rl.algorithm, "precision": rl.precision, "threads": torch.get_num_threads(),
+    return {"config": "rl-every-row" if every_row else "rl", "algorithm": rl.algorithm, "precision": rl.precision,
+            "threads": torch.get_num_threads(),
             "completions_per_step": rl.prompts_per_step * rl.num_generations,
             "step_seconds": [round(s, 2) for s in clock.seconds], "flops_per_step": clock.flops,
             "flops_per_s": clock.flops / mean}
@@ -215,8 +221,10 @@ def child(args) -> dict:
 
     params = load_params(args.params)
     torch.manual_seed(params.seed)
-    torch.set_num_threads(params.rl.threads if args.child == "rl" else params.sft.threads or os.cpu_count())
-    row = run_rl_config(params, args.rl_steps) if args.child == "rl" else run_sft_config(args.child, params, args.steps)
+    rl = args.child.startswith("rl")
+    torch.set_num_threads(params.rl.threads if rl else params.sft.threads or os.cpu_count())
+    row = (run_rl_config(params, args.rl_steps, every_row=args.child == "rl-every-row") if rl
+           else run_sft_config(args.child, params, args.steps))
     return {**row, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
@@ -250,6 +258,9 @@ def summary(rows: dict[str, dict], peak: float, spread: float) -> dict:
     if "rl" in rows:
         result["rl_seconds_per_step"] = round(statistics.mean(rows["rl"]["step_seconds"]), 2)
         result["rl_roofline_fraction"] = rows["rl"]["roofline_fraction"]
+    if "rl" in rows and "rl-every-row" in rows:
+        result["rl_speedup_vs_every_row"] = round(statistics.mean(rows["rl-every-row"]["step_seconds"])
+                                                  / statistics.mean(rows["rl"]["step_seconds"]), 2)
     if "sft" in rows and "full" in rows:
         result["lora_vs_full_peak_ratio"] = round(rows["sft"]["peak_rss_mb"] / rows["full"]["peak_rss_mb"], 3)
     return result

@@ -2,6 +2,7 @@
 metrics go in MLflow (the run that trained each variant, or a run of its own)."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -201,7 +202,7 @@ def stage_project(tmp_path, root):
         "sft": {"out_dir": str(tmp_path / "sft"), "metrics": str(tmp_path / "sft.json")},
         "sft_full": {"out_dir": str(tmp_path / "sft_full")}, "rl": {"out_dir": str(tmp_path / "rl")},
         "quantize": {"out_dir": str(tmp_path / "int4")},
-        "evaluate": {"out_dir": str(tmp_path / "eval")},
+        "evaluate": {"out_dir": str(tmp_path / "eval"), "merge_adapters": False},  # FakeEngine tells models by ref
         "register": {"cache_dir": str(tmp_path / "cache"), "validation_dir": str(tmp_path / "eval" / "validation")},
         "ood": {"out": str(tmp_path / "data" / "ood.jsonl")},
     })
@@ -310,3 +311,59 @@ def test_the_stage_scores_the_out_of_domain_set_beside_test_and_per_sector(tmp_p
     logged = runs["evaluate-base"].data.metrics
     assert logged["ood/sentiment.accuracy"] == metrics["base"]["ood/sentiment.accuracy"]
     assert not any(key.startswith("test/ood/") for key in logged)
+
+
+def test_lora_variants_are_scored_merged_into_their_base_once_per_content(tmp_path, tiny_model_dir):
+    """`evaluate.merge_adapters`: vLLM runs the adapter merged into its base (as served), one merged folder
+    per adapter content; with the option off, the adapter itself on the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lingtune.config import EvaluateConfig
+    from lingtune.evaluate.run import scoring_ref
+    from lingtune.models import ModelRef
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(adapter)
+    ref = ModelRef(Path(tiny_model_dir), adapter)
+    cfg = EvaluateConfig(merge_cache_dir=str(tmp_path / "merged"))
+    merged = scoring_ref(ref, cfg)
+    assert merged.adapter is None and (merged.base / "config.json").is_file()
+    assert merged.base.parent == tmp_path / "merged"
+    assert scoring_ref(ref, cfg) == merged  # cached: merged once
+    assert scoring_ref(ref, cfg.model_copy(update={"merge_adapters": False})) == ref
+    assert scoring_ref(ModelRef(Path(tiny_model_dir)), cfg) == ModelRef(Path(tiny_model_dir))
+
+
+def test_engines_no_later_model_needs_are_released():
+    from lingtune.evaluate.run import Engines
+    from lingtune.models import ModelRef
+
+    engines = Engines(None, [])
+    engines.started = {"a": object(), "b": object()}
+    engines.release([ModelRef(Path("b"))])
+    assert list(engines.started) == ["b"]
+
+
+def test_the_stage_hands_the_engine_merged_variants_and_keeps_the_adapters_content_hash(tmp_path, root, monkeypatch):
+    """With `merge_adapters` the engine gets the merged folder (no adapter), while the validation answers the
+    gate reads stay filed under the adapter's content hash (the one `lingtune register` tags)."""
+    from lingtune.evaluate import run
+    from lingtune.models import ModelRef
+
+    params = stage_project(tmp_path, root)
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"merge_adapters": True})})
+    merged = fake_model(tmp_path / "merged-sft")
+    monkeypatch.setattr(run, "merged_model", lambda base, adapter, cache: merged)
+    seen = []
+
+    def engine(self, ref):
+        seen.append(ref)
+        return FakeEngine(ModelRef(ref.base, tmp_path / "sft") if ref.base == merged else ref)
+
+    monkeypatch.setattr(run.Engines, "get", engine)
+    run.run_evaluate(params)
+    assert {r.adapter for r in seen} == {None} and merged in {r.base for r in seen}
+    index = json.loads((tmp_path / "eval" / "validation" / "index.json").read_text())
+    assert index["models"]["sft"]["content_sha256"] == run.model_hash(ModelRef(tmp_path / "backbone", tmp_path / "sft"))

@@ -266,3 +266,41 @@ def test_kill_and_resume(tmp_path, tiny_model_dir, tiny_sft, grader):
     assert any(not (straight_adapter[k] == sft[k]).all() for k in sft)
     for key, value in straight_adapter.items():
         assert (value == resumed_adapter[key]).all(), key
+
+
+def test_completion_only_scoring_gives_the_log_probs_of_the_full_logits_on_fewer_rows(tiny_model_dir):
+    """`completion_rows_only`: TRL's fused LM head (as the RL trainer patches the policy) returns, for the
+    completion tokens, the log-softmax of the model's own logits, while the head runs on those rows only
+    (counted matmul FLOPs: prompt and padding rows cost nothing)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lingtune.train.rl import completion_rows_only
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding after the second completion's end
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :8] = -100  # 8 prompt tokens, 4 completion tokens
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    expected = expected.gather(-1, ids[:, 1:, None])[..., 0]
+    add_fused_lm_head(model, temperature=1.0)
+
+    def scored() -> tuple[torch.Tensor, int]:
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        return out.log_probs, flops.get_total_flops()
+
+    every_row, every_row_flops = scored()
+    with completion_rows_only():
+        completion_only, completion_flops = scored()
+    valid = labels[:, 1:] != -100
+    assert int(valid.sum()) == 5
+    torch.testing.assert_close(completion_only[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(completion_only[valid], every_row[valid], rtol=1e-6, atol=1e-6)
+    assert completion_flops < every_row_flops

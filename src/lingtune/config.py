@@ -205,6 +205,11 @@ class EvaluateConfig(_Section):
     kv_cache_gb: int = Field(2, ge=1)
     cpu_threads_bind: str = Field("all", min_length=1)
     """vLLM CPU engine threads: all | auto | a vLLM CPU list such as 0-3 (lingtune.env.bind_vllm_cpu_threads)."""
+    merge_adapters: bool = True
+    """Score each LoRA variant merged into its base (bf16), as the service serves it (`serve.merge_adapter`):
+    vLLM's CPU LoRA path generates several times slower. false: the adapter applied per request."""
+    merge_cache_dir: str = ".cache/merged"
+    """Merged models, one folder per (base, adapter content), reused across runs."""
     out_dir: str = "reports/eval"
 
 

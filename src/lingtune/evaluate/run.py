@@ -22,7 +22,7 @@ from lingtune.artifacts import content_hash, publishing, write_json, write_jsonl
 from lingtune.config import CostConfig
 from lingtune.errors import DataError
 from lingtune.formats import describe_ignored, read_jsonl, read_user_jsonl
-from lingtune.models import ModelRef, folder_ref
+from lingtune.models import ModelRef, folder_ref, merged_model
 from lingtune.predictions import ScoredModel, example_rows, write_validation
 from lingtune.records import Record
 
@@ -215,9 +215,18 @@ def runnable(found: dict[str, Variant]) -> tuple[dict[str, Variant], dict[str, s
     return {name: v for name, v in found.items() if name not in skipped}, skipped
 
 
+def scoring_ref(ref: ModelRef, cfg) -> ModelRef:
+    """What vLLM runs to score `ref`: with `evaluate.merge_adapters`, an adapter merged into its base (the
+    model the service serves by default), else `ref` itself."""
+    if ref.adapter is None or not cfg.merge_adapters:
+        return ref
+    return ModelRef(merged_model(Path(ref.base), Path(ref.adapter), Path(cfg.merge_cache_dir)))
+
+
 class Engines:
     """One vLLM engine per base model, started on first use, with LoRA support only where some model
-    on that base is an adapter."""
+    on that base is an adapter; `release` stops the engines no model still to come needs (each holds
+    its weights and `kv_cache_gb` of KV cache)."""
 
     def __init__(self, cfg, refs: list[ModelRef]):
         self.cfg, self.lora = cfg, {str(r.base) for r in refs if r.adapter is not None}
@@ -230,6 +239,13 @@ class Engines:
         if key not in self.started:
             self.started[key] = Engine(ref.base, self.cfg, enable_lora=key in self.lora)
         return self.started[key]
+
+    def release(self, still_needed: list[ModelRef]) -> None:
+        import gc
+
+        for key in set(self.started) - {str(r.base) for r in still_needed}:
+            del self.started[key]
+        gc.collect()
 
 
 def answer_split(engines: Engines, label: str, ref: ModelRef, records: dict[str, list[Record]],
@@ -322,15 +338,20 @@ def run_evaluate(params) -> dict:
     found, skipped = runnable(variants(params))
     hashes = {name: model_hash(v.ref) for name, v in found.items()}
     champion = champion_to_score(params, set(hashes.values()))
-    engines = Engines(engine_config(params), [v.ref for v in found.values()] + ([champion.ref] if champion else []))
+    runs = {name: scoring_ref(v.ref, cfg) for name, v in found.items()}
+    champion_run = [scoring_ref(champion.ref, cfg)] if champion else []
+    engines = Engines(engine_config(params), [*runs.values(), *champion_run])
     results, validation, outside, scored, ood_rows = {}, {}, {}, [], {}
-    for name, variant in found.items():
-        results[name], _ = run_split(engines, name, variant.ref, test, cfg.constrained)
-        validation[name], rows = run_split(engines, f"{name} validation", variant.ref, val, cfg.constrained)
-        outside[name], ood_rows[name] = run_ood(engines, name, variant.ref, ood, cfg.constrained)
+    for i, (name, variant) in enumerate(found.items()):
+        ref = runs[name]
+        results[name], _ = run_split(engines, name, ref, test, cfg.constrained)
+        validation[name], rows = run_split(engines, f"{name} validation", ref, val, cfg.constrained)
+        outside[name], ood_rows[name] = run_ood(engines, name, ref, ood, cfg.constrained)
         scored.append(ScoredModel(name, str(variant.ref.adapter or variant.ref.base), hashes[name], rows))
+        engines.release([*list(runs.values())[i + 1 :], *champion_run])
     if champion:
-        _, rows = run_split(engines, f"champion v{champion.version} validation", champion.ref, val, cfg.constrained)
+        _, rows = run_split(engines, f"champion v{champion.version} validation", champion_run[0], val,
+                            cfg.constrained)
         scored.append(ScoredModel("champion", champion.uri, champion.content_sha256, rows, champion.version))
     out = Path(cfg.out_dir)
     summary = summarise(results, params.cost, gpus(), validation, outside)
