@@ -59,7 +59,7 @@ def step_fn(config: str, backbone: str):
 
         autocast = False
     else:
-        cfg = SFTConfig(method="full" if config == "full" else "lora",
+        cfg = SFTConfig(method="full" if config == "full" else "lora", snapshot_every_n_steps=0,
                         quantization="nf4" if config == "qlora" else "none", compile="none",
                         lora=LoraConfig(dropout=0.05 if config == "lora-dropout" else 0.0))
         model = load_model(backbone, cfg)

@@ -17,6 +17,7 @@ between them is generated (never edit it by hand). The same NAME may appear in s
   data-corpus      data/processed/card.json    what the corpora gave: labels, entities, dropped texts
   ood-set          data/ood/card.json          the out-of-domain set: texts per task, sector, label, entity type
   bench:NAME       reports/benchmarks/NAME.json   a benchmark's `--json` output, as saved by the user
+                   (quality_curve has a table of its own: one row per snapshot; others are key/value)
   bench-other      reports/benchmarks/*.json   every saved benchmark without a bench:NAME region
 
 Usage: python scripts/tables.py            rewrite the regions in place
@@ -299,9 +300,36 @@ def scalar(value, key: str = "") -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def quality_curve(rel: str, data: dict) -> list[str]:
+    """benchmarks/quality_curve.py: validation scores per snapshot, and what the last stretch bought."""
+    rows = [[num(p["step"]), num(p["examples_seen"]), num(p.get("epochs"), 2), num(p["train_seconds"] / 60, 1),
+             pct(p["sentiment_macro_f1"]), pct(p["ner_precision"]), pct(p["ner_recall"]), pct(p["ner_f1"]),
+             f"{pct(p['sentiment_invalid'])} / {pct(p['ner_invalid'])}"] for p in data["points"]]
+    examples = data.get("examples", {})
+    note = (f"validation split, {num(examples.get('sentiment'))} reviews and {num(examples.get('ner'))} sentences; "
+            f"train min: the training loop's wall minutes at that step")
+    out = [source([rel], note), "",
+           *md_table(["step", "examples seen", "epochs", "train min", "sentiment macro-F1", "NER P", "NER R",
+                      "NER F1", "invalid sentiment / NER"], rows)]
+    if s := data.get("saturation"):
+        per_minute = [f"{label} {pts(s[f'{key}_gain'])} ({pts(s[f'{key}_gain_per_minute'])} per minute)"
+                      for label, key in (("sentiment macro-F1", "sentiment_macro_f1"), ("NER F1", "ner_f1"))
+                      if s.get(f"{key}_gain_per_minute") is not None]
+        out += ["", f"Last {num(s['train_minutes'], 1)} training minutes (step {s['from_step']} to {s['to_step']}): "
+                + ("; ".join(per_minute) or "no training time between them") + f". Best step: sentiment "
+                f"{s['sentiment_macro_f1_best_step']}, NER {s['ner_f1_best_step']}."]
+    return out
+
+
+BENCH_TABLES = {"quality_curve": quality_curve}
+"""Benchmarks whose JSON reads better as a table of their own than as key/value rows."""
+
+
 def bench_table(root: Path, name: str) -> list[str]:
     rel = f"{BENCH_DIR}/{name}.json"
     data = load(root, rel)
+    if name in BENCH_TABLES:
+        return BENCH_TABLES[name](rel, data)
     if isinstance(data, list) and data and all(isinstance(row, dict) for row in data):  # one row per item
         flat = [dict(flatten(row)) for row in data]
         keys = list(dict.fromkeys(k for row in flat for k in row))

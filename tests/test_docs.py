@@ -230,3 +230,22 @@ def test_no_measured_numbers_in_prose():
             found += [f"{path.relative_to(ROOT)}:{number}: {m.group(0)!r} in {line.strip()[:100]!r}"
                       for m in MEASUREMENT.finditer(line)]
     assert not found, "measured numbers belong in generated tables:\n" + "\n".join(found)
+
+
+def test_the_quality_curve_becomes_a_table_of_points(project_copy):
+    """benchmarks/quality_curve.py's JSON (shape as the script writes it; numbers made up for the test only)."""
+    point = {"step": 100, "examples_seen": 800, "epochs": 0.13, "train_seconds": 600.0, "sentiment_macro_f1": 0.8,
+             "sentiment_invalid": 0.0, "ner_precision": 0.5, "ner_recall": 0.4, "ner_f1": 0.44, "ner_invalid": 0.01}
+    later = {**point, "step": 200, "examples_seen": 1600, "epochs": 0.26, "train_seconds": 1200.0, "ner_f1": 0.5}
+    saturation = importlib.util.spec_from_file_location("quality_curve", ROOT / "benchmarks" / "quality_curve.py")
+    curve = importlib.util.module_from_spec(saturation)
+    saturation.loader.exec_module(curve)
+    report = {"examples": {"sentiment": 300, "ner": 300}, "points": [point, later],
+              "saturation": curve.saturation([point, later])}
+    (project_copy / "reports" / "benchmarks").mkdir(exist_ok=True)
+    (project_copy / "reports" / "benchmarks" / "quality_curve.json").write_text(json.dumps(report))
+    assert run_tables(project_copy).returncode == 0
+    page = (project_copy / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert "| 200 | 1,600 | 0.26 | 20.0 | 80.0% | 50.0% | 40.0% | 50.0% | 0.0% / 1.0% |" in page
+    assert "NER F1 +6.0 pt (+0.6 pt per minute)" in page and "Best step: sentiment 100, NER 200." in page
+    assert "#### `quality_curve`" not in page  # its own region, not among the other saved results

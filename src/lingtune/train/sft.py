@@ -15,6 +15,9 @@ Features and their cost:
 * Fault tolerance: `ModelCheckpoint(every_n_train_steps, save_last=True)` + `fit(ckpt_path="last")`
   and a `StatefulDataLoader`, so the same command starts or resumes a run and a resumed run
   continues on exactly the next batch. Checkpoints keep trainable weights only.
+* Learning curve: `sft.snapshot_every_n_steps` (LoRA only) saves the adapter every n steps and at the
+  last one into `sft.snapshot_dir`, with `curve.json` (steps, examples seen, training seconds, losses);
+  lingtune.train.snapshots. A few MB per snapshot; training is unchanged (the golden and resume tests).
 * Monitoring: MLFlowLogger (params, live metrics, system metrics, the adapter as an artifact, the
   dataset hash as a tag, `compute_hours` and `cost_usd` at the end) and Lightning's progress bar.
 
@@ -29,6 +32,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -41,6 +45,7 @@ from lingtune.config import CostConfig, SFTConfig
 from lingtune.errors import StageError
 from lingtune.tracking import flatten, run_cost
 from lingtune.train.loader import IGNORE, BucketBatchSampler, SFTDataset, collate_left_padded
+from lingtune.train.snapshots import AdapterSnapshots, curve_header
 
 
 class NonFiniteLoss(StageError):
@@ -227,7 +232,8 @@ def write_loss_curve(path: Path, losses: list[dict]) -> None:
 def checkpoint_fingerprint(params, cfg: SFTConfig, data_sha: str) -> str:
     """What a checkpoint belongs to: the variant's config, seed, backbone, training data and the
     code the stage runs (a changed recipe must retrain, not resume a finished run of the old one)."""
-    return fingerprint(sft=cfg.model_dump(exclude={"checkpoint_every_n_steps", "metrics", "loss_curve"}),
+    return fingerprint(sft=cfg.model_dump(exclude={"checkpoint_every_n_steps", "metrics", "loss_curve",
+                                                   "snapshot_every_n_steps", "snapshot_dir"}),
                        seed=params.seed, backbone=params.backbone.model_dump(), data=data_sha,
                        code=code_hash(__name__))
 
@@ -272,8 +278,10 @@ class ProgressLines(pl.Callback):
         print(f"sft step {step}/{trainer.max_steps}: loss {loss:.4f}, {rate:.2f} s/step", file=sys.stderr, flush=True)
 
 
-def build_trainer(cfg: SFTConfig, logger, ckpt_dir: Path) -> pl.Trainer:
-    """Lightning does the distributed set-up, precision, checkpoints and resuming."""
+def build_trainer(cfg: SFTConfig, logger, ckpt_dir: Path, extra: Sequence[pl.Callback] = ()) -> pl.Trainer:
+    """Lightning does the distributed set-up, precision, checkpoints and resuming. A callback in `extra`
+    runs before the checkpoint (Lightning runs ModelCheckpoint last), so a checkpoint holds its state
+    as of that step."""
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
     bar = sys.stderr.isatty()
@@ -286,7 +294,7 @@ def build_trainer(cfg: SFTConfig, logger, ckpt_dir: Path) -> pl.Trainer:
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cfg.checkpoint_every_n_steps,
                                    save_last=True, save_top_k=1),
                    LearningRateMonitor(logging_interval="step"),
-                   *([] if bar else [ProgressLines(cfg.log_every_n_steps * 5)])],
+                   *([] if bar else [ProgressLines(cfg.log_every_n_steps * 5)]), *extra],
     )
 
 
@@ -315,14 +323,17 @@ def run_sft(params, full_baseline: bool = False) -> dict:
     pl.seed_everything(params.seed, workers=True, verbose=False)
     tokenizer, train_set, val_set = load_data(params.backbone.out_dir, data_dir, cfg.max_seq_len)
     data_sha = content_hash(data_dir / "train.jsonl")
-    checkpoints = CheckpointDir(cfg.checkpoint_dir, checkpoint_fingerprint(params, cfg, data_sha))
+    stamp = checkpoint_fingerprint(params, cfg, data_sha)
+    checkpoints = CheckpointDir(cfg.checkpoint_dir, stamp)
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     run_id = checkpoints.resume(last_checkpoint)[1] if rank == 0 else None
     logger = MLFlowLogger(experiment_name=params.tracking.experiment, tracking_uri=params.tracking.uri,
                           run_name=f"sft-{cfg.method}{'-nf4' if cfg.quantization == 'nf4' else ''}",
                           run_id=run_id, tags={"lingtune.stage": "sft", "data.train.sha256": data_sha})
     module = SFTModule(params.backbone.out_dir, cfg, tokenizer, train_set, val_set, params.seed)
-    trainer = build_trainer(cfg, logger, checkpoints.path)
+    snapshots = [AdapterSnapshots(cfg.snapshot_dir, cfg.snapshot_every_n_steps, save_weights,
+                                  curve_header(cfg, stamp, len(train_set)))] if cfg.snapshot_every_n_steps else []
+    trainer = build_trainer(cfg, logger, checkpoints.path, snapshots)
     if trainer.is_global_zero:
         logger.log_hyperparams({"seed": params.seed, "backbone": params.backbone.name,
                                 **flatten("sft", cfg.model_dump())})
