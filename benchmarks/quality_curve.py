@@ -2,9 +2,9 @@
 
 Scores every adapter snapshot the SFT stage kept (`sft.snapshot_every_n_steps`, listed in
 `<snapshots>/curve.json`, lingtune.train.snapshots) on the VALIDATION split (never test): sentiment
-macro-F1 and NER precision / recall / F1 (strict spans), with the evaluate stage's own code (one vLLM
-engine on the backbone, each snapshot a LoRA adapter per request, decoding as `evaluate.constrained`
-says). It shows where the recipe saturates and what each minute of training buys: `saturation` is the
+macro-F1 and NER precision / recall / F1 (strict spans), with the evaluate stage's own code (each
+snapshot merged into the backbone as `evaluate.merge_adapters` says, decoding as `evaluate.constrained`
+says), so the last point is what the evaluate stage reports as `val/` for `sft` on the same examples. It shows where the recipe saturates and what each minute of training buys: `saturation` is the
 change of both scores over the last two points, per training minute, and the step of each score's best.
 
 The stage writes a snapshot at its last step too, so the last point is the final adapter; `final_is_last_snapshot`
@@ -102,18 +102,21 @@ def final_is_last_snapshot(curve: dict, folder: Path) -> bool | None:
 
 
 def score_points(params, folder: Path, points: list[dict], records: dict) -> list[dict]:
-    """Every snapshot on the validation `records` (per task), with one engine for all (adapters per request)."""
-    from lingtune.evaluate.run import Engines, answer_split, engine_config
+    """Every snapshot on the validation `records` (per task), run as the evaluate stage runs a variant
+    (`evaluate.merge_adapters`: merged into the base, one engine at a time; else adapters per request)."""
+    from lingtune.evaluate.run import Engines, answer_split, engine_config, scoring_ref
     from lingtune.models import folder_ref
 
     refs = [folder_ref(folder / p["snapshot"]) for p in points]
     if missing := [p["snapshot"] for p, ref in zip(points, refs) if ref is None or ref.adapter is None]:
         raise SystemExit(f"error: {folder}: no LoRA adapter in {', '.join(missing)}")
-    engines = Engines(engine_config(params), refs)
+    runs = [scoring_ref(ref, params.evaluate) for ref in refs]
+    engines = Engines(engine_config(params), runs)
     out = []
-    for point, ref in zip(points, refs):
+    for i, (point, ref) in enumerate(zip(points, runs)):
         metrics, _ = answer_split(engines, f"step {point['step']}", ref, records, params.evaluate.constrained)
         out.append(scored(point, metrics))
+        engines.release(runs[i + 1 :])
     return out
 
 
