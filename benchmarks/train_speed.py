@@ -10,6 +10,8 @@ full fine-tuning, and an RL step at the shipped settings.
    * `sft`   lingtune's SFT step (`sft.*` params: LoRA, precision auto, answer-only LM head, AdamW,
              `sft.compile`), timed after two warm-up steps (the compile happens there);
    * `sft-eager` the same with `sft.compile: none`, to show what compiling buys;
+   * `sft-whole-logits` the same with `sft.loss_chunk_rows: 0` (the LM head and cross-entropy on all answer
+             rows at once), to show what the chunked head loss saves in memory and costs in time;
    * `plain` a plain transformers + peft loop: fp32, LoRA of the same rank, logits for every position;
    * `full`  lingtune's full fine-tuning step (`sft_full` params), for the memory ratio;
    * `rl`    TRL RLOO steps of the `rl` stage (`rl.*` and `reward.*` params, the real SFT adapter);
@@ -22,8 +24,10 @@ full fine-tuning, and an RL step at the shipped settings.
    seconds; `*_roofline_fraction` = achieved / `peak_gflops`. Above 1 the benchmark stops with an error.
 
 JSON keys: `peak_gflops`, `peak_spread`, `sft_tokens_per_s`, `sft_roofline_fraction`, `sft_speedup_vs_plain`,
-`rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `lora_vs_full_peak_ratio`, and `configs.<name>` with the
-details (step seconds per step, tokens and FLOPs per step, peak RSS).
+`rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `lora_vs_full_peak_ratio`,
+`lora_vs_full_training_memory_ratio` (the same without the imported runtime both pay), `chunked_head_loss_saves_mb`,
+`chunked_head_loss_speedup`, and `configs.<name>` with the details (step seconds per step, tokens and FLOPs per
+step; RSS after imports, after loading the model, and the peak of the timed steps).
 
 Usage: python benchmarks/train_speed.py [--steps 6] [--rl-steps 2] [--configs sft,plain,full,rl] [--json]
 """
@@ -45,13 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe
 
-CONFIGS = ("sft", "sft-eager", "plain", "full", "rl", "rl-every-row")
+CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "plain", "full", "rl", "rl-every-row")
 
 
 def peak_flops(threads: int, trials: int) -> tuple[float, float]:
     """(best bf16 matmul FLOP/s over the probe's shapes, best / worst run of that shape)."""
     import torch
-
     from matmul_peak import SHAPES, time_matmul
 
     torch.set_num_threads(threads)
@@ -88,6 +91,8 @@ def sft_step(config: str, params):
     cfg = resolve_precision(params.sft_full if config == "full" else params.sft)
     if config == "sft-eager":
         cfg = cfg.model_copy(update={"compile": "none"})
+    if config == "sft-whole-logits":
+        cfg = cfg.model_copy(update={"loss_chunk_rows": 0})
     if config == "plain":
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -102,11 +107,11 @@ def sft_step(config: str, params):
                          labels=batch["labels"]).loss
     else:
         model = load_model(params.backbone.out_dir, cfg)
-        cross_entropy = compile_for_training(model, cfg.compile)
+        head_loss = compile_for_training(model, cfg)
         autocast = cfg.precision == "bf16-mixed"
 
         def loss_of(batch):
-            return answer_loss(model, batch, cross_entropy)[0]
+            return answer_loss(model, batch, head_loss)[0]
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
 
@@ -139,10 +144,25 @@ def counted_flops(fn, *args) -> int:
     return counter.get_total_flops()
 
 
-def run_sft_config(config: str, params, steps: int) -> dict:
-    import torch
+def rss_mb() -> int:
+    """Resident memory of this process now (Linux)."""
+    return round(int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
 
+
+def peak_rss_mb() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def run_sft_config(config: str, params, steps: int) -> dict:
+    import peft  # noqa: F401  (the runtime, imported before it is measured)
+    import torch
+    import transformers  # noqa: F401
+
+    import lingtune.train.sft  # noqa: F401
+
+    runtime = rss_mb()
     step, count, cfg = sft_step(config, params)
+    loaded = rss_mb()
     batches = training_batches(params, cfg, steps + 2)
     started = time.perf_counter()
     for batch in batches[:2]:  # warm-up: compile, allocator, autocast caches, first-call kernels
@@ -153,6 +173,7 @@ def run_sft_config(config: str, params, steps: int) -> dict:
         started = time.perf_counter()
         step(batch)
         seconds.append(time.perf_counter() - started)
+    peak = peak_rss_mb()  # before the counting pass below, which runs compiled code eagerly
     flops = [counted_flops(count, batch) for batch in batches[2:]]
     tokens = [int(batch["attention_mask"].sum()) for batch in batches[2:]]
     precision = "32-true" if config == "plain" else cfg.precision
@@ -160,7 +181,8 @@ def run_sft_config(config: str, params, steps: int) -> dict:
             "compile": "none" if config == "plain" else cfg.compile, "warm_up_seconds": round(warm_up, 1),
             "threads": torch.get_num_threads(), "step_seconds": [round(s, 3) for s in seconds],
             "tokens_per_step": round(statistics.mean(tokens), 1), "flops_per_step": statistics.mean(flops),
-            "tokens_per_s": round(sum(tokens) / sum(seconds), 1), "flops_per_s": sum(flops) / sum(seconds)}
+            "tokens_per_s": round(sum(tokens) / sum(seconds), 1), "flops_per_s": sum(flops) / sum(seconds),
+            "runtime_rss_mb": runtime, "loaded_rss_mb": loaded, "peak_rss_mb": peak}
 
 
 def run_rl_config(params, steps: int, every_row: bool) -> dict:
@@ -225,7 +247,7 @@ def child(args) -> dict:
     torch.set_num_threads(params.rl.threads if rl else params.sft.threads or os.cpu_count())
     row = (run_rl_config(params, args.rl_steps, every_row=args.child == "rl-every-row") if rl
            else run_sft_config(args.child, params, args.steps))
-    return {**row, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {"peak_rss_mb": peak_rss_mb(), **row}
 
 
 def run_children(args) -> dict[str, dict]:
@@ -263,17 +285,26 @@ def summary(rows: dict[str, dict], peak: float, spread: float) -> dict:
                                                   / statistics.mean(rows["rl"]["step_seconds"]), 2)
     if "sft" in rows and "full" in rows:
         result["lora_vs_full_peak_ratio"] = round(rows["sft"]["peak_rss_mb"] / rows["full"]["peak_rss_mb"], 3)
+        # the same without the imported runtime (Python, torch, transformers, peft, Lightning), which both
+        # processes pay whatever the model: what training itself adds (weights, gradients, optimizer, activations)
+        result["lora_vs_full_training_memory_ratio"] = round(
+            (rows["sft"]["peak_rss_mb"] - rows["sft"]["runtime_rss_mb"])
+            / (rows["full"]["peak_rss_mb"] - rows["full"]["runtime_rss_mb"]), 3)
+    if "sft" in rows and "sft-whole-logits" in rows:
+        result["chunked_head_loss_saves_mb"] = rows["sft-whole-logits"]["peak_rss_mb"] - rows["sft"]["peak_rss_mb"]
+        result["chunked_head_loss_speedup"] = round(
+            rows["sft"]["tokens_per_s"] / rows["sft-whole-logits"]["tokens_per_s"], 2)
     return result
 
 
 def table(r: dict) -> str:
     lines = [f"bf16 matmul peak {r['peak_gflops']} GFLOP/s (spread {r['peak_spread']}); FLOPs: {r['flop_counting']}",
-             "| config | precision | s/step | tokens/s | GFLOP/s | of peak | peak RSS MB |",
+             "| config | precision | s/step | tokens/s | GFLOP/s | of peak | runtime / loaded / peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, row in r["configs"].items():
         lines.append(f"| {name} | {row['precision']} | {statistics.mean(row['step_seconds']):.2f} | "
                      f"{row.get('tokens_per_s', '–')} | {row['gflops_per_s']} | {row['roofline_fraction']} | "
-                     f"{row['peak_rss_mb']} |")
+                     f"{row.get('runtime_rss_mb', '–')} / {row.get('loaded_rss_mb', '–')} / {row['peak_rss_mb']} |")
     lines.append(json.dumps({k: v for k, v in r.items() if k not in ("configs", "flop_counting")}))
     return "\n".join(lines)
 

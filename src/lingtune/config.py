@@ -157,6 +157,10 @@ class SFTConfig(_Section):
     over the vocabulary-wide logits instead of several); `layers` also compiles the decoder layers (fused
     norms, casts, activations; one compiled code shared by all layers). A one-off compile at the first steps
     (benchmarks/train_speed.py); inductor needs a C compiler on CPU. `none`: eager."""
+    loss_chunk_rows: int = Field(64, ge=0)
+    """The LM head and cross-entropy run on this many answer rows at a time, gradients computed in the same
+    pass (lingtune.train.head_loss): the [answer rows, vocabulary] logits never exist whole. 0: whole logits
+    (more memory: benchmarks/train_speed.py config sft-whole-logits)."""
     threads: int = Field(2, ge=0)
     """torch threads per process; 0 keeps torch's default."""
     accelerator: Literal["auto", "cpu", "gpu"] = "cpu"
@@ -305,8 +309,8 @@ class RewardConfig(_Section):
 class RLConfig(_Section):
     algorithm: Literal["rloo", "grpo"] = "rloo"
     """TRL trainer: RLOO (leave-one-out baseline, default) or GRPO (group-normalised advantages)."""
-    lr: float = Field(2e-5, gt=0.0)
-    max_steps: int = Field(12, ge=1)
+    lr: float = Field(5e-5, gt=0.0)
+    max_steps: int = Field(24, ge=1)
     prompts_per_step: int = Field(2, ge=1)
     num_generations: int = Field(4, ge=2)
     max_completion_length: int = Field(96, ge=8)

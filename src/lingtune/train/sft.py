@@ -37,13 +37,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.nn import functional as F
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerprint, publishing, write_json, write_text
 from lingtune.config import CostConfig, SFTConfig
 from lingtune.errors import StageError
 from lingtune.tracking import flatten, run_cost
+from lingtune.train.head_loss import WHOLE_OR_CHUNKED, HeadLoss, capped_cross_entropy, chunk_loss_and_grad
 from lingtune.train.loader import IGNORE, BucketBatchSampler, SFTDataset, collate_left_padded
 from lingtune.train.snapshots import AdapterSnapshots, curve_header
 
@@ -78,22 +78,15 @@ def load_model(backbone_dir: str, cfg: SFTConfig):
     return model
 
 
-def capped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Mean cross-entropy of (soft-capped, as the model's own head does) logits, in float32."""
-    logits = logits.float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, targets)
-
-
-def answer_loss(model, batch: dict, cross_entropy=capped_cross_entropy) -> tuple[torch.Tensor, int]:
+def answer_loss(model, batch: dict, head_loss: HeadLoss = WHOLE_OR_CHUNKED) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over answer tokens; the LM head runs on answer positions only.
 
     The decoder's hidden states are gathered at the positions that predict an answer token and
     only those rows go through the LM head: with a 262k vocabulary the head dominates a step.
     (`logits_to_keep` slices a non-contiguous 3-D tensor, which sends the head through a batched
     matmul that copies the whole weight matrix per sequence: measured 20 s of a 29 s step.)
-    `cross_entropy` is `capped_cross_entropy` or its compiled form (`compile_for_training`).
+    `head_loss` applies the head and the cross-entropy a chunk of rows at a time (lingtune.train.head_loss;
+    its compiled form: `compile_for_training`).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     keep = int(batch["answer_span"])
@@ -102,20 +95,20 @@ def answer_loss(model, batch: dict, cross_entropy=capped_cross_entropy) -> tuple
     hidden = hidden[:, -keep:-1, :]
     targets = batch["labels"][:, -keep + 1 :]
     rows = targets != IGNORE
-    logits = causal_lm.get_output_embeddings()(hidden[rows])
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    return cross_entropy(logits, targets[rows], cap), int(rows.sum())
+    return head_loss(hidden[rows], causal_lm.get_output_embeddings(), targets[rows], cap), int(rows.sum())
 
 
-def compile_for_training(model, mode: str):
-    """Apply `sft.compile` to `model` in place; returns the cross-entropy `answer_loss` should use.
+def compile_for_training(model, cfg: SFTConfig) -> HeadLoss:
+    """Apply `sft.compile` to `model` in place; returns the `HeadLoss` (`sft.loss_chunk_rows`) `answer_loss`
+    should use, its per-chunk math compiled unless `sft.compile` is none.
 
     Shapes vary with every bucket, so both are compiled with dynamic shapes (one graph, not one per
     length). Layers are compiled one by one (`Module.compile`, state-dict keys unchanged, so checkpoints
     and the saved adapter are those of the eager model); they share one compiled code."""
-    if mode == "none":
-        return capped_cross_entropy
-    if mode == "layers":
+    if cfg.compile == "none":
+        return HeadLoss(cfg.loss_chunk_rows)
+    if cfg.compile == "layers":
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         layers = getattr(causal_lm.get_decoder(), "layers", None)
         if layers is None:
@@ -123,7 +116,8 @@ def compile_for_training(model, mode: str):
                              f"{type(causal_lm).__name__} has none (use loss or none)")
         for layer in layers:
             layer.compile(dynamic=True)
-    return torch.compile(capped_cross_entropy, dynamic=True)
+    return HeadLoss(cfg.loss_chunk_rows, torch.compile(chunk_loss_and_grad, dynamic=True),
+                    torch.compile(capped_cross_entropy, dynamic=True))
 
 
 class SFTModule(pl.LightningModule):
@@ -133,7 +127,7 @@ class SFTModule(pl.LightningModule):
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         self.train_set, self.val_set = train_set, val_set
         self.model = load_model(backbone_dir, cfg).train()  # from_pretrained leaves it in eval mode
-        self.cross_entropy = compile_for_training(self.model, cfg.compile)
+        self.head_loss = compile_for_training(self.model, cfg)
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.losses: list[dict] = []
         self.skipped = 0
@@ -156,7 +150,7 @@ class SFTModule(pl.LightningModule):
         # Dropout masks depend on (seed, rank, step, batch) only, not on the RNG's history, so a
         # resumed run draws exactly the masks the uninterrupted run would have drawn.
         torch.manual_seed(self.seed + 1_000_003 * self.global_rank + 7919 * self.global_step + batch_idx)
-        loss, tokens = answer_loss(self.model, batch, self.cross_entropy)
+        loss, tokens = answer_loss(self.model, batch, self.head_loss)
         if not torch.isfinite(loss):
             message = f"non-finite loss ({loss.item()}) at step {self.global_step}"
             if self.cfg.on_nonfinite == "stop":
@@ -171,7 +165,7 @@ class SFTModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, _ = answer_loss(self.model, batch, self.cross_entropy)
+        loss, _ = answer_loss(self.model, batch, self.head_loss)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=self.cfg.batch_size)
 
     def configure_optimizers(self):
@@ -210,7 +204,7 @@ class SFTModule(pl.LightningModule):
             for _, indices in zip(range(self.cfg.val_batches), sampler):
                 batch = collate_left_padded([self.val_set[i] for i in indices], self.tokenizer.pad_token_id)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                losses.append(float(answer_loss(self.model, batch, self.cross_entropy)[0]))
+                losses.append(float(answer_loss(self.model, batch, self.head_loss)[0]))
         return sum(losses) / len(losses)
 
 
