@@ -37,6 +37,7 @@ engine and decoding), `--max-examples` (300 per task; 0 = all), `--json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -167,7 +168,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.max_examples < 0:
         parser.error("--max-examples must be >= 0")
-    report = measure(args.snapshots, args.params, args.max_examples)
+    # vLLM logs to stdout, resolved when it is imported (inside `measure`): there they go to stderr, so that
+    # `--json > FILE` holds the report only
+    with contextlib.redirect_stdout(sys.stderr):
+        report = measure(args.snapshots, args.params, args.max_examples)
     print(json.dumps(report, indent=2) if args.json else table(report))
     sys.stdout.flush()
 
