@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lingtune.config import SFTConfig
+
 
 def capped_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Mean cross-entropy of (soft-capped, as the model's own head does) logits, in float32."""
@@ -89,7 +91,7 @@ class HeadLoss:
     `chunk_math` and `whole` are `chunk_loss_and_grad` and `capped_cross_entropy` or their compiled forms
     (`lingtune.train.sft.compile_for_training`)."""
 
-    chunk_rows: int = 64
+    chunk_rows: int = SFTConfig.model_fields["loss_chunk_rows"].default  # params.yaml's default, one source
     chunk_math: Callable = field(default=chunk_loss_and_grad)
     whole: Callable = field(default=capped_cross_entropy)
 
