@@ -142,7 +142,7 @@ class SFTConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(10, ge=0)
-    max_steps: int = Field(500, ge=1)
+    max_steps: int = Field(800, ge=1)
     batch_size: int = Field(8, ge=1)
     accumulate_grad_batches: int = Field(1, ge=1)
     max_seq_len: int = Field(256, ge=16)
