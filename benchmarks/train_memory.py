@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from children import add_config_arguments, run_configs  # benchmarks/, this script's folder
 
 CONFIGS = ("full", "lora", "lora-dropout", "qlora", "plain")
 
@@ -107,21 +108,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    add_config_arguments(parser, CONFIGS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
-    rows = {}
-    for config in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--child", config, *sys.argv[1:]]
-        cmd = [c for c in cmd if c != "--json"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"{config} failed:\n{out.stderr[-2000:]}")
-        rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = run_configs(__file__, args.configs.split(","), [a for a in sys.argv[1:] if a != "--json"])
     result = {"backbone": args.backbone, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "threads": args.threads, "configs": rows}
     if "full" in rows:

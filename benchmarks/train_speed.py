@@ -12,6 +12,8 @@ full fine-tuning, and an RL step at the shipped settings.
    * `sft-eager` the same with `sft.compile: none`, to show what compiling buys;
    * `sft-whole-logits` the same with `sft.loss_chunk_rows: 0` (the LM head and cross-entropy on all answer
              rows at once), to show what the chunked head loss saves in memory and costs in time;
+   * `sft-checkpointed` the same with `sft.gradient_checkpointing: true` (decoder layers' activations
+             recomputed in the backward pass), to show what LoRA's peak memory can go down to and at what speed;
    * `plain` a plain transformers + peft loop: fp32, LoRA of the same rank, logits for every position;
    * `full`  lingtune's full fine-tuning step (`sft_full` params), for the memory ratio;
    * `rl`    TRL RLOO steps of the `rl` stage (`rl.*` and `reward.*` params, the real SFT adapter);
@@ -26,7 +28,8 @@ full fine-tuning, and an RL step at the shipped settings.
 JSON keys: `peak_gflops`, `peak_spread`, `sft_tokens_per_s`, `sft_roofline_fraction`, `sft_speedup_vs_plain`,
 `rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `lora_vs_full_peak_ratio`,
 `lora_vs_full_training_memory_ratio` (the same without the imported runtime both pay), `chunked_head_loss_saves_mb`,
-`chunked_head_loss_speedup`, and `configs.<name>` with the details (step seconds per step, tokens and FLOPs per
+`chunked_head_loss_speedup`, `lora_checkpointed_vs_full_peak_ratio` and `checkpointing_speedup` (`sft-checkpointed`
+against `full` and against `sft`), and `configs.<name>` with the details (step seconds per step, tokens and FLOPs per
 step; RSS after imports, after loading the model, and the peak of the timed steps).
 
 Usage: python benchmarks/train_speed.py [--steps 6] [--rl-steps 2] [--configs sft,plain,full,rl] [--json]
@@ -39,7 +42,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,9 +49,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe
+sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe; children
 
-CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "plain", "full", "rl", "rl-every-row")
+from children import add_config_arguments, run_configs  # noqa: E402
+
+CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full", "rl", "rl-every-row")
 
 
 def peak_flops(threads: int, trials: int) -> tuple[float, float]:
@@ -93,6 +97,8 @@ def sft_step(config: str, params):
         cfg = cfg.model_copy(update={"compile": "none"})
     if config == "sft-whole-logits":
         cfg = cfg.model_copy(update={"loss_chunk_rows": 0})
+    if config == "sft-checkpointed":
+        cfg = cfg.model_copy(update={"gradient_checkpointing": True})
     if config == "plain":
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -250,19 +256,6 @@ def child(args) -> dict:
     return {"peak_rss_mb": peak_rss_mb(), **row}
 
 
-def run_children(args) -> dict[str, dict]:
-    rows = {}
-    for config in args.configs.split(","):
-        print(f"train_speed: {config} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--child", config, "--params", args.params, "--steps", str(args.steps),
-               "--rl-steps", str(args.rl_steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"{config} failed:\n{out.stderr[-3000:]}")
-        rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
-    return rows
-
-
 def summary(rows: dict[str, dict], peak: float, spread: float) -> dict:
     result = {"peak_gflops": round(peak / 1e9, 1), "peak_spread": round(spread, 3),
               "flop_counting": "torch.utils.flop_counter.FlopCounterMode, forward + backward as dispatched",
@@ -294,6 +287,12 @@ def summary(rows: dict[str, dict], peak: float, spread: float) -> dict:
         result["chunked_head_loss_saves_mb"] = rows["sft-whole-logits"]["peak_rss_mb"] - rows["sft"]["peak_rss_mb"]
         result["chunked_head_loss_speedup"] = round(
             rows["sft"]["tokens_per_s"] / rows["sft-whole-logits"]["tokens_per_s"], 2)
+    if "sft-checkpointed" in rows and "full" in rows:
+        result["lora_checkpointed_vs_full_peak_ratio"] = round(
+            rows["sft-checkpointed"]["peak_rss_mb"] / rows["full"]["peak_rss_mb"], 3)
+    if "sft-checkpointed" in rows and "sft" in rows:
+        result["checkpointing_speedup"] = round(
+            rows["sft-checkpointed"]["tokens_per_s"] / rows["sft"]["tokens_per_s"], 2)
     return result
 
 
@@ -315,9 +314,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed SFT steps per configuration")
     parser.add_argument("--rl-steps", type=int, default=2, help="timed RL steps")
     parser.add_argument("--trials", type=int, default=5, help="timed runs per shape of the peak probe")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    add_config_arguments(parser, CONFIGS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -326,7 +323,8 @@ def main() -> None:
 
     threads = load_params(args.params).sft.threads or os.cpu_count()
     before = peak_flops(threads, args.trials)
-    rows = run_children(args)
+    rows = run_configs(__file__, args.configs.split(","), ["--params", args.params, "--steps", str(args.steps),
+                                                           "--rl-steps", str(args.rl_steps)])
     after = peak_flops(threads, args.trials)
     result = summary(rows, *max(before, after))
     result["peak_gflops_before_after"] = [round(before[0] / 1e9, 1), round(after[0] / 1e9, 1)]
