@@ -45,7 +45,7 @@ def step_fn(config: str, backbone: str):
     import torch
 
     from lingtune.config import LoraConfig, SFTConfig
-    from lingtune.train.sft import answer_loss, load_model
+    from lingtune.train.sft import answer_loss, build_optimizer, load_model
 
     if config == "plain":
         from peft import LoraConfig, get_peft_model
@@ -70,7 +70,8 @@ def step_fn(config: str, backbone: str):
 
         autocast = True
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                 if config == "plain" else build_optimizer(model, cfg))
 
     def step(batch) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -7,7 +7,7 @@ full fine-tuning, and an RL step at the shipped settings.
 2. Each configuration in its own process (peak RSS is per process), on the same real training batches
    (`BucketBatchSampler` with the pipeline's seed, batch size and sequence limit, so the lengths are
    those `dvc repro sft` trains on):
-   * `sft`   lingtune's SFT step (`sft.*` params: LoRA, precision auto, answer-only LM head, AdamW,
+   * `sft`   lingtune's SFT step (`sft.*` params: LoRA, precision auto, answer-only LM head, fused AdamW,
              `sft.compile`), timed after two warm-up steps (the compile happens there);
    * `sft-eager` the same with `sft.compile: none`, to show what compiling buys;
    * `sft-whole-logits` the same with `sft.loss_chunk_rows: 0` (the LM head and cross-entropy on all answer
@@ -90,7 +90,7 @@ def sft_step(config: str, params):
     """(step function, count function) of one configuration; step trains, count only runs fwd + bwd."""
     import torch
 
-    from lingtune.train.sft import answer_loss, compile_for_training, load_model, resolve_precision
+    from lingtune.train.sft import answer_loss, build_optimizer, compile_for_training, load_model, resolve_precision
 
     cfg = resolve_precision(params.sft_full if config == "full" else params.sft)
     if config == "sft-eager":
@@ -119,7 +119,10 @@ def sft_step(config: str, params):
         def loss_of(batch):
             return answer_loss(model, batch, head_loss)[0]
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    # lingtune's configurations step the optimizer the sft stage builds; `plain` keeps torch's default AdamW
+    optimizer = (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay)
+                 if config == "plain" else build_optimizer(model, cfg))
 
     def forward_backward(batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

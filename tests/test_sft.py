@@ -169,3 +169,44 @@ def test_non_finite_loss_never_writes_weights(root, tmp_path, policy):
     assert "error:" in result.stderr and ("non-finite" in result.stderr or "NaN/inf" in result.stderr)
     assert "Traceback" not in result.stderr
     assert not (project / "models" / "sft").exists()
+
+
+def test_the_optimizer_is_fused_adamw_over_trainable_weights_only():
+    """The fused kernel is what keeps full fine-tuning's update cheap (benchmarks/train_speed.py `full`:
+    ~20% of a step); torch's default AdamW would train the same, only slower, so only this test notices."""
+    import torch
+
+    from lingtune.config import SFTConfig
+    from lingtune.train.sft import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    model.bias.requires_grad_(False)
+    cfg = SFTConfig(lr=3e-4, weight_decay=0.05)
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert [p for group in optimizer.param_groups for p in group["params"]] == [model.weight]
+    assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["weight_decay"] == 0.05
+    model(torch.randn(2, 4)).sum().backward()
+    before = model.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)
+
+
+def test_gradients_are_clipped_with_the_fused_optimizer():
+    """Lightning's own clipping refuses fused optimizers under mixed precision; SFTModule clips itself
+    (bf16 has no gradient scaler), so the norm after the hook is at most the Trainer's clip value."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lingtune.config import SFTConfig
+    from lingtune.train.sft import SFTModule, build_optimizer
+
+    model = torch.nn.Linear(8, 8)
+    optimizer = build_optimizer(model, SFTConfig(precision="bf16-mixed"))
+    (1000 * model(torch.randn(4, 8))).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) > 10
+    module = SimpleNamespace(cfg=SFTConfig(precision="bf16-mixed"))
+    SFTModule.configure_gradient_clipping(module, optimizer, 1.0, "norm")
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1.0 + 1e-5
