@@ -44,6 +44,9 @@ _NOISE_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's pytree helper
     r".*_register_pytree_node is deprecated",
     r".*The '(train|val)_dataloader' does not have many workers",  # num_workers=0 is deliberate (resumable)
+    # lingtune always asks Lightning to resume from its own fingerprinted checkpoint folder (lingtune.artifacts):
+    r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint',  # a first run
+    r"Checkpoint directory .* exists and is not empty",  # a resumed run
 )
 _NOISE_LOG_LINES = (
     "Failed to load CPU gemm_4bit_forward",  # bitsandbytes on a CPU without its optional kernel
@@ -71,8 +74,10 @@ def quiet_library_noise() -> None:
 
     for pattern in _NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("bitsandbytes", "bitsandbytes.cextension", "lightning.pytorch.utilities.rank_zero",
-                 "pytorch_lightning.utilities.rank_zero"):
+    # A logger's filters see only the records logged on it, not those its children propagate: name each
+    # module logger that emits a line of _NOISE_LOG_LINES.
+    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends.cpu.ops",
+                 "lightning.pytorch.utilities.rank_zero", "pytorch_lightning.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise())

@@ -123,9 +123,10 @@ def preload_libraries() -> list[str]:
 def prepare_environment(cfg: ServeConfig) -> None:
     """Environment of the engine process. vLLM starts its engine core with `spawn` on CPU, so what
     is set here (LD_PRELOAD included) takes effect there, where the model runs."""
-    from lingtune.env import apply_offline_defaults, bind_vllm_cpu_threads
+    from lingtune.env import apply_offline_defaults, bind_vllm_cpu_threads, quiet_library_noise
 
     apply_offline_defaults()
+    quiet_library_noise()  # the service's log, like a stage's, shows only what its operator can act on
     bind_vllm_cpu_threads(cfg.cpu_threads_bind)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the engine loop must not share the API's core
