@@ -31,7 +31,7 @@ tok = AutoTokenizer.from_pretrained(backbone)
 if mode == "old":
     from lingtune.data.formats import read_jsonl
     from lingtune.train.loader import encode_example
-    from lingtune.engine import TaskDecoder
+    from lingtune.evaluate.engine import TaskDecoder
 else:
     from lingtune.formats import read_jsonl
     from lingtune.tasks.base import encode_example
