@@ -16,6 +16,8 @@ full fine-tuning, and an RL step at the shipped settings.
              recomputed in the backward pass), to show what LoRA's peak memory can go down to and at what speed;
    * `plain` a plain transformers + peft loop: fp32, LoRA of the same rank, logits for every position;
    * `full`  lingtune's full fine-tuning step (`sft_full` params), for the memory ratio;
+   * `full-unfused` the same with torch's default AdamW (for-each kernels) instead of the fused one the sft
+             stage builds (`lingtune.train.sft.build_optimizer`), to show what the fused update buys;
    * `rl`    TRL RLOO steps of the `rl` stage (`rl.*` and `reward.*` params, the real SFT adapter);
    * `rl-every-row` the same steps with TRL's own CPU log-prob scoring (the LM head on every prompt,
              completion and padding position, not only the completion tokens: see
@@ -29,7 +31,8 @@ JSON keys: `peak_gflops`, `peak_spread`, `sft_tokens_per_s`, `sft_roofline_fract
 `rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `lora_vs_full_peak_ratio`,
 `lora_vs_full_training_memory_ratio` (the same without the imported runtime both pay), `chunked_head_loss_saves_mb`,
 `chunked_head_loss_speedup`, `lora_checkpointed_vs_full_peak_ratio` and `checkpointing_speedup` (`sft-checkpointed`
-against `full` and against `sft`), and `configs.<name>` with the details (step seconds per step, tokens and FLOPs per
+against `full` and against `sft`), `fused_adamw_speedup_full` (`full` against `full-unfused`),
+and `configs.<name>` with the details (step seconds per step, tokens and FLOPs per
 step; RSS after imports, after loading the model, and the peak of the timed steps).
 
 Usage: python benchmarks/train_speed.py [--steps 6] [--rl-steps 2] [--configs sft,plain,full,rl] [--json]
@@ -53,7 +56,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe;
 
 from children import add_config_arguments, run_configs  # noqa: E402
 
-CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full", "rl", "rl-every-row")
+CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full", "full-unfused", "rl",
+           "rl-every-row")
 
 
 def peak_flops(threads: int, trials: int) -> tuple[float, float]:
@@ -92,7 +96,7 @@ def sft_step(config: str, params):
 
     from lingtune.train.sft import answer_loss, build_optimizer, compile_for_training, load_model, resolve_precision
 
-    cfg = resolve_precision(params.sft_full if config == "full" else params.sft)
+    cfg = resolve_precision(params.sft_full if config in ("full", "full-unfused") else params.sft)
     if config == "sft-eager":
         cfg = cfg.model_copy(update={"compile": "none"})
     if config == "sft-whole-logits":
@@ -119,10 +123,11 @@ def sft_step(config: str, params):
         def loss_of(batch):
             return answer_loss(model, batch, head_loss)[0]
     model.train()
-    # lingtune's configurations step the optimizer the sft stage builds; `plain` keeps torch's default AdamW
+    # lingtune's configurations step the optimizer the sft stage builds; `plain` and `full-unfused` keep
+    # torch's default AdamW
     optimizer = (torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                    weight_decay=cfg.weight_decay)
-                 if config == "plain" else build_optimizer(model, cfg))
+                 if config in ("plain", "full-unfused") else build_optimizer(model, cfg))
 
     def forward_backward(batch) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -296,6 +301,9 @@ def summary(rows: dict[str, dict], peak: float, spread: float) -> dict:
     if "sft-checkpointed" in rows and "sft" in rows:
         result["checkpointing_speedup"] = round(
             rows["sft-checkpointed"]["tokens_per_s"] / rows["sft"]["tokens_per_s"], 2)
+    if "full" in rows and "full-unfused" in rows:
+        result["fused_adamw_speedup_full"] = round(
+            rows["full"]["tokens_per_s"] / rows["full-unfused"]["tokens_per_s"], 2)
     return result
 
 

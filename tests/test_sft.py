@@ -172,8 +172,9 @@ def test_non_finite_loss_never_writes_weights(root, tmp_path, policy):
 
 
 def test_the_optimizer_is_fused_adamw_over_trainable_weights_only():
-    """The fused kernel is what keeps full fine-tuning's update cheap (benchmarks/train_speed.py `full`:
-    ~20% of a step); torch's default AdamW would train the same, only slower, so only this test notices."""
+    """The fused kernel is what keeps full fine-tuning's update cheap (benchmarks/train_speed.py
+    `fused_adamw_speedup_full`: `full` against `full-unfused`); torch's default AdamW would train the same,
+    only slower, so only this test notices."""
     import torch
 
     from lingtune.config import SFTConfig
