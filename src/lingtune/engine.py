@@ -61,6 +61,7 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.decoder = TaskDecoder(self.tokenizer, cfg.max_tokens_ner)
         self._adapters: dict[str, int] = {}
+        self.first_tries = self.constrained_again = 0  # lingtune.decoding: free first, then the constraint
 
     def prompt(self, record: Record, constrained: bool = True) -> dict:
         return self.decoder.prompt(record.task, record.text, constrained)
@@ -85,7 +86,20 @@ class Engine:
 
     def complete(self, task_names: list[str], prompts: list[dict], adapter: str | Path | None = None,
                  constrained: bool = True) -> list[str]:
-        """The answers to engine prompts (TaskDecoder.prompt) of the given tasks, in the trained format."""
+        """The answers to engine prompts (TaskDecoder.prompt) of the given tasks, in the trained format.
+        Constrained multi-token answers are decoded free first and again constrained only where the
+        free answer is not one the constraint allows (lingtune.decoding)."""
+        lora = self._lora(adapter)
+        first = [self.decoder.first_try(task, constrained) for task in task_names]
         params = [self.sampling(task, constrained) for task in task_names]
-        outputs = self.llm.generate(prompts, params, lora_request=self._lora(adapter), use_tqdm=False)
-        return [self.decoder.answer(task, o.outputs[0], constrained) for task, o in zip(task_names, outputs)]
+        tries = [free or param for free, param in zip(first, params)]
+        outputs = [o.outputs[0] for o in self.llm.generate(prompts, tries, lora_request=lora, use_tqdm=False)]
+        again = [i for i, free in enumerate(first) if free and not self.decoder.accepts(task_names[i], outputs[i])]
+        if again:  # the first tries the constraint would not have produced: decode those constrained
+            redone = self.llm.generate([prompts[i] for i in again], [params[i] for i in again], lora_request=lora,
+                                       use_tqdm=False)
+            for i, output in zip(again, redone):
+                outputs[i] = output.outputs[0]
+        self.first_tries += sum(1 for free in first if free)
+        self.constrained_again += len(again)
+        return [self.decoder.answer(task, o, constrained) for task, o in zip(task_names, outputs)]

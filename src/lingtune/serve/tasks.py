@@ -72,16 +72,40 @@ def fitting_prompts(decode: TaskDecoder, task: str, texts: list[str], max_model_
         raise HTTPException(400, str(exc)) from None
 
 
+async def _generate(engine, prompt: dict, params, task: str, lora, keep_going=None):
+    """(last engine output of one request, whether it ran to its end): a request stops early once
+    `keep_going(text so far)` turns false. Closing the stream aborts it in the engine (AsyncLLM.generate
+    aborts on GeneratorExit and CancelledError), and so does cancelling this task."""
+    last = None
+    stream = engine.generate(prompt, params, f"{task}-{uuid.uuid4().hex}", lora_request=lora)
+    async for last in stream:
+        if keep_going and not keep_going(last.outputs[0].text):
+            # closed only here: `aclosing` every stream measured 13.1-13.2 sentiment req/s, 16.6-19.2 without
+            await stream.aclose()
+            return last, False
+    return last, True
+
+
 async def _answer(engine, decode: TaskDecoder, task: str, prompt: dict, lora) -> tuple[str, int, int, int]:
     """(answer text, prompt tokens, completion tokens, prompt tokens served from the prefix cache) of one
-    prompt. Cancelling the task aborts the request in the engine (AsyncLLM.generate aborts on CancelledError)."""
-    final = None
-    async for output in engine.generate(prompt, decode.sampling(task), f"{task}-{uuid.uuid4().hex}",
-                                        lora_request=lora):
-        final = output
-    completion = final.outputs[0]
-    return (decode.answer(task, completion), len(prompt["prompt_token_ids"]), len(completion.token_ids),
-            final.num_cached_tokens or 0)
+    prompt. A constrained multi-token answer is decoded free first and constrained only when the free
+    text is not one the constraint allows (lingtune.decoding); a first try stops as soon as its text can
+    no longer become one. Completion tokens count both tries: the work done, not only the answer."""
+    if free := decode.first_try(task):
+        last, ended = await _generate(engine, prompt, free, task, lora, lambda text: decode.may_accept(task, text))
+        if ended and decode.accepts(task, last.outputs[0]):
+            return _usage_row(decode, task, prompt, last)
+        final, _ = await _generate(engine, prompt, decode.sampling(task), task, lora)
+        return _usage_row(decode, task, prompt, final, first=last)  # the prompt was computed by the first try
+    final, _ = await _generate(engine, prompt, decode.sampling(task), task, lora)
+    return _usage_row(decode, task, prompt, final)
+
+
+def _usage_row(decode: TaskDecoder, task: str, prompt: dict, final, first=None) -> tuple[str, int, int, int]:
+    completion, before = final.outputs[0], first or final
+    extra = len(first.outputs[0].token_ids) if first else 0
+    return (decode.answer(task, completion), len(prompt["prompt_token_ids"]), len(completion.token_ids) + extra,
+            before.num_cached_tokens or 0)
 
 
 async def until_disconnected(request: Request, every_s: float = 0.25) -> None:
