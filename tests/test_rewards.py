@@ -62,6 +62,42 @@ def test_entity_f1(answer, f1):
     assert tasks.get("ner").reward(record, answer, "f1") == pytest.approx(f1)
 
 
+@pytest.mark.parametrize("answer,reward", [
+    (EXACT, 1.0),
+    (ner_answer(("江泽民", "PER")), 1 - 2 / 4),                          # two misses of three (+1 in the denominator)
+    # a wrong type: a miss and a spurious entity
+    (ner_answer(("江泽民", "PER"), ("北京", "ORG"), ("李鹏", "PER")), 1 - (1 + 0.7) / 4),
+    (TWICE, 1 - 0.7 * 3 / 4),                                            # three spurious copies
+    (THRICE, 0.0),                                                       # six: clipped at 0
+    (INVENTED, 1 - 0.7 / 4),
+    ("江泽民", 0.0),
+])
+def test_micro_reward_weighs_misses_and_spurious_entities_as_micro_f1_does(answer, reward):
+    from lingtune import tasks
+
+    record = Record(text=TEXT, entities=tuple(GOLD))
+    assert tasks.get("ner").reward(record, answer, "micro") == pytest.approx(reward)
+
+
+def test_micro_reward_does_not_lean_to_recall_on_one_entity_sentences():
+    """Per-answer F1 on a one-entity sentence: a spurious entity costs 1/3 of the reward, a miss all of it, so
+    RL trades precision for recall; the micro reward charges a spurious entity 0.7 of a miss."""
+    from lingtune import tasks
+
+    ner = tasks.get("ner")
+    record = Record(text="李鹏在北京。", entities=({"start": 0, "end": 2, "type": "PER", "text": "李鹏"},))
+    exact, extra, missed = ner_answer(("李鹏", "PER")), ner_answer(("李鹏", "PER"), ("北京", "LOC")), '{"entities": []}'
+
+    def cost_ratio(metric: str) -> float:  # what a spurious entity costs, as a share of what a miss costs
+        r = {a: ner.reward(record, a, metric) for a in (exact, extra, missed)}
+        return (r[exact] - r[extra]) / (r[exact] - r[missed])
+
+    assert cost_ratio("f1") == pytest.approx(1 / 3)
+    assert cost_ratio("micro") == pytest.approx(0.7)
+    empty = Record(text="今天天气好。", entities=())
+    assert ner.reward(empty, missed, "micro") == 1.0 and ner.reward(empty, extra, "micro") < 1.0
+
+
 def test_listing_entities_again_or_inventing_them_lowers_the_reward():
     """What RL learned from a recall-only reward (the same entity two or three times) now costs it: per task
     component and in the weighted reward TRL optimises (the rubric judge cannot tell a repeated list from the exact one)."""

@@ -280,9 +280,10 @@ class RewardConfig(_Section):
     weights_start: RewardWeights = RewardWeights()
     weights_end: RewardWeights = RewardWeights(sentiment=0.4, ner=0.4, instruction=0.2)
     """Weights move linearly from start to end over the RL run (the dynamic ratio)."""
-    ner_metric: Literal["f1"] = "f1"
-    """The NER component: per-answer strict F1, so an entity listed twice or a span that is not in the text
-    lowers the reward. Recall alone was dropped: RL learned to list names two or three times for it."""
+    ner_metric: Literal["f1", "micro"] = "f1"
+    """The NER component: `f1`, per-answer strict F1, so an entity listed twice or a span that is not in the
+    text lowers the reward (recall alone was dropped: RL learned to list names two or three times for it);
+    `micro`, misses and spurious entities weighted as the corpus micro-F1 weighs them (tasks.ner)."""
     clip: tuple[float, float] = (0.0, 1.0)
     """Range the weighted reward is clipped to before the KL penalty and the baseline (TRL reward_clip_range)."""
     prompts_per_task: int = Field(16, ge=1)

@@ -31,6 +31,10 @@ ANSWER_REGEX = r'\{"entities": \[(' + _ENTITY + r'(, ' + _ENTITY + r'){0,40})?\]
 the format would otherwise pad the JSON with spaces until max_tokens)."""
 
 
+MICRO_FP_COST = 0.7
+"""A spurious entity's cost in the `micro` reward, as a share of a missed one's (see NerTask.reward)."""
+
+
 def canonical_type(value: object) -> str | None:
     return _TYPES.get(str(value).strip().lower())
 
@@ -171,14 +175,25 @@ class Ner(Task):
                               [not r["valid"] for r in rows], weights)
 
     def reward(self, record: Record, answer: str, metric: str) -> float:
-        """Strict span-and-type F1 of one answer, so precision counts: an entity listed twice or a span
+        """The NER reward of one answer; an answer that does not parse scores 0.
+
+        `f1`: strict span-and-type F1 of the answer, so precision counts: an entity listed twice or a span
         that is not in the text lowers it (a recall-only reward paid RL for listing names two or three
-        times). A sentence without gold entities scores 1 for an empty answer, else 0."""
-        if metric != "f1":
-            raise ValueError(f"unknown NER reward metric {metric!r} (lingtune has f1)")
+        times). A sentence without gold entities scores 1 for an empty answer, else 0. Per answer, F1 still
+        leans to recall on the many one-entity sentences: a spurious entity costs 1/3 of the reward there,
+        a miss all of it.
+        `micro`: 1 - (missed + MICRO_FP_COST x spurious) / (gold + 1), clipped at 0, where a wrong type is
+        one of each as in the metrics. Within a prompt (all RLOO compares) a miss and a spurious entity
+        cost what they cost the corpus micro-F1 the evaluation reports: its change per answer is
+        proportional to d(tp) - F1/2 d(predicted), so a spurious entity costs F1 / (2 - F1) of a miss,
+        0.7 at F1 ~0.82."""
+        if metric not in ("f1", "micro"):
+            raise ValueError(f"unknown NER reward metric {metric!r} (lingtune has f1, micro)")
         row = self.explain(record, answer)
         if not row["valid"]:
             return 0.0
+        if metric == "micro":
+            return max(0.0, 1.0 - (row["fn"] + MICRO_FP_COST * row["fp"]) / (len(row["gold"]) + 1))
         if not row["gold"]:
             return float(not row["predicted"])
         return 2 * row["tp"] / (2 * row["tp"] + row["fp"] + row["fn"])
