@@ -113,11 +113,17 @@ class FakeAsyncEngine:
 
     async def generate(self, prompt, params, request_id, lora_request=None):
         text = CONSTRAINED if params.structured_outputs is not None else self.free_text
-        record = {"constrained": params.structured_outputs is not None, "steps": 0, "closed_early": True}
+        record = {"constrained": params.structured_outputs is not None, "steps": 0, "closed_early": True,
+                  "aborted_before_the_next_request": False}
         self.requests.append(record)
-        for n in range(1, len(text) + 1):
-            record["steps"] = n
-            yield SimpleNamespace(outputs=[output(text[:n], "stop" if n == len(text) else None)], num_cached_tokens=5)
+        try:
+            for n in range(1, len(text) + 1):
+                record["steps"] = n
+                yield SimpleNamespace(outputs=[output(text[:n], "stop" if n == len(text) else None)],
+                                      num_cached_tokens=5)
+        except GeneratorExit:  # where vLLM's AsyncLLM.generate aborts the request in the engine
+            record["aborted_before_the_next_request"] = record is self.requests[-1]
+            raise
         record["closed_early"] = False
 
 
@@ -137,6 +143,7 @@ def test_the_service_stops_a_hopeless_first_try_and_answers_constrained(decoder)
     first, second = engine.requests
     assert answer == CONSTRAINED and second["constrained"] and not first["constrained"]
     assert first["closed_early"] and first["steps"] == 1  # "S" can never start an answer: aborted at once
+    assert first["aborted_before_the_next_request"]  # the engine stops decoding it, not garbage collection later
     assert completion_tokens == 1 + len(CONSTRAINED)  # usage counts the work of both tries
 
 
