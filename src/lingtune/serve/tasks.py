@@ -91,14 +91,14 @@ async def _answer(engine, decode: TaskDecoder, task: str, prompt: dict, lora) ->
     prompt. A constrained multi-token answer is decoded free first and constrained only when the free
     text is not one the constraint allows (lingtune.decoding); a first try stops as soon as its text can
     no longer become one. Completion tokens count both tries: the work done, not only the answer."""
+    first = None
     if free := decode.first_try(task):
         last, ended = await _generate(engine, prompt, free, task, lora, lambda text: decode.may_accept(task, text))
         if ended and decode.accepts(task, last.outputs[0]):
             return _usage_row(decode, task, prompt, last)
-        final, _ = await _generate(engine, prompt, decode.sampling(task), task, lora)
-        return _usage_row(decode, task, prompt, final, first=last)  # the prompt was computed by the first try
+        first = last  # its prompt tokens were computed then: cached ones are counted from it
     final, _ = await _generate(engine, prompt, decode.sampling(task), task, lora)
-    return _usage_row(decode, task, prompt, final)
+    return _usage_row(decode, task, prompt, final, first=first)
 
 
 def _usage_row(decode: TaskDecoder, task: str, prompt: dict, final, first=None) -> tuple[str, int, int, int]:
