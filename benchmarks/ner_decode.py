@@ -28,15 +28,17 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def engine_model(spec: str, params) -> Path:
-    """The folder vLLM runs: a model folder as is, an adapter merged into its recorded base (cached)."""
-    from lingtune.models import folder_ref, merged_model
+    """The folder vLLM runs, as the evaluate stage picks it (an adapter merged into its recorded base)."""
+    from lingtune.evaluate.run import scoring_ref
+    from lingtune.models import folder_ref
 
     ref = folder_ref(spec)
     if ref is None:
         raise SystemExit(f"error: {spec} is neither a model folder nor an adapter")
-    if ref.adapter is None:
-        return Path(ref.base)
-    return merged_model(Path(ref.base), Path(ref.adapter), Path(params.evaluate.merge_cache_dir))
+    ref = scoring_ref(ref, params.evaluate)
+    if ref.adapter is not None:
+        raise SystemExit("error: an adapter needs evaluate.merge_adapters: true here (the engine runs without LoRA)")
+    return Path(ref.base)
 
 
 def timed(fn) -> tuple[float, object]:
