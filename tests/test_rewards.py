@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from lingtune.config import RewardConfig, parse_params
+from lingtune.config import RewardConfig, RewardWeights, parse_params
 from lingtune.judge import RubricJudge
 from lingtune.records import Record
 from lingtune.train.rewards import COMPONENTS, gold_column, reward_functions, task_reward_fn, weighted_reward, weights_at
@@ -102,18 +102,27 @@ def test_listing_entities_again_or_inventing_them_lowers_the_reward():
     """What RL learned from a recall-only reward (the same entity two or three times) now costs it: per task
     component and in the weighted reward TRL optimises (the rubric judge cannot tell a repeated list from the exact one)."""
     record = Record(text=TEXT, entities=tuple(GOLD))
-    cfg = RewardConfig()
-    assert cfg.ner_metric == "f1"
+    shipped = RewardConfig()
+    assert shipped.ner_metric == "f1"
+    ner_on = RewardConfig(weights_start=RewardWeights(sentiment=0.5, ner=0.3, instruction=0.2),
+                          weights_end=RewardWeights(sentiment=0.4, ner=0.4, instruction=0.2))
     answers = [EXACT, TWICE, THRICE, INVENTED]
     n = len(answers)
     parts = [fn(answers, task=["ner"] * n, text=[TEXT] * n, record=column(*[record] * n))
-             for fn in reward_functions(cfg, RubricJudge())]
-    for weights in (weights_at(cfg.weights_start, cfg.weights_end, 0.0), weights_at(cfg.weights_start, cfg.weights_end, 1.0)):
-        totals = [weighted_reward({c: parts[j][i] for j, c in enumerate(COMPONENTS)}, weights, cfg.clip) for i in range(n)]
-        exact, twice, thrice, invented = totals
-        assert parts[COMPONENTS.index("ner")][0] == 1.0
-        assert [parts[COMPONENTS.index("instruction")][i] for i in range(3)] == [1.0] * 3  # the judge sees no fault
+             for fn in reward_functions(shipped, RubricJudge())]
+    assert parts[COMPONENTS.index("ner")][0] == 1.0
+    assert [parts[COMPONENTS.index("instruction")][i] for i in range(3)] == [1.0] * 3  # the judge sees no fault
+
+    def totals(cfg: RewardConfig, progress: float) -> list[float]:
+        weights = weights_at(cfg.weights_start, cfg.weights_end, progress)
+        return [weighted_reward({c: parts[j][i] for j, c in enumerate(COMPONENTS)}, weights, cfg.clip) for i in range(n)]
+
+    for progress in (0.0, 1.0):
+        exact, twice, thrice, invented = totals(ner_on, progress)
         assert exact > twice > thrice and exact > invented
+        # the shipped weights leave NER out: listing again or inventing still earns nothing more than the exact answer
+        exact, twice, thrice, invented = totals(shipped, progress)
+        assert exact >= twice >= thrice and exact >= invented
 
 
 def test_recall_is_no_longer_a_reward_choice():
@@ -136,10 +145,10 @@ def test_ner_reward_function_and_empty_gold():
 
 def test_default_weights_and_linear_schedule():
     cfg = RewardConfig()
-    assert weights_at(cfg.weights_start, cfg.weights_end, 0.0) == [0.5, 0.3, 0.2]
-    assert weights_at(cfg.weights_start, cfg.weights_end, 1.0) == pytest.approx([0.4, 0.4, 0.2])
-    assert weights_at(cfg.weights_start, cfg.weights_end, 0.5) == pytest.approx([0.45, 0.35, 0.2])
-    assert weights_at(cfg.weights_start, cfg.weights_end, 7.0) == pytest.approx([0.4, 0.4, 0.2])  # clamped
+    assert weights_at(cfg.weights_start, cfg.weights_end, 0.0) == [0.5, 0.0, 0.2]
+    assert weights_at(cfg.weights_start, cfg.weights_end, 1.0) == pytest.approx([0.4, 0.0, 0.2])
+    assert weights_at(cfg.weights_start, cfg.weights_end, 0.5) == pytest.approx([0.45, 0.0, 0.2])
+    assert weights_at(cfg.weights_start, cfg.weights_end, 7.0) == pytest.approx([0.4, 0.0, 0.2])  # clamped
     assert [f.__name__ for f in reward_functions(cfg, RubricJudge())] == list(COMPONENTS)
 
 
