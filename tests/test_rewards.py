@@ -115,7 +115,8 @@ def test_listing_entities_again_or_inventing_them_lowers_the_reward():
 
     def totals(cfg: RewardConfig, progress: float) -> list[float]:
         weights = weights_at(cfg.weights_start, cfg.weights_end, progress)
-        return [weighted_reward({c: parts[j][i] for j, c in enumerate(COMPONENTS)}, weights, cfg.clip) for i in range(n)]
+        return [weighted_reward({c: parts[j][i] for j, c in enumerate(COMPONENTS)}, weights, cfg.clip)
+                for i in range(n)]
 
     for progress in (0.0, 1.0):
         exact, twice, thrice, invented = totals(ner_on, progress)

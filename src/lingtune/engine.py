@@ -26,6 +26,8 @@ class EngineConfig:
     block_size: int = 32
     """KV-cache block: prefix caching shares whole blocks, and vLLM's CPU default (128) is longer
     than the prompt template every request starts with."""
+    dtype: str = "auto"
+    """lingtune.env.vllm_dtype: bf16 where it is native, float32 on an AVX2-only CPU."""
 
 
 def _prepare_cpu_environment(cfg: EngineConfig) -> None:
@@ -53,11 +55,13 @@ class Engine:
             raise ModelError(reason)
         from vllm import LLM
 
+        from lingtune.env import vllm_dtype
+
         self.cfg = cfg
         self.enable_lora = enable_lora
         self.llm = LLM(model=str(model_dir), enable_lora=enable_lora, max_lora_rank=cfg.max_lora_rank,
                        max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager, seed=0,
-                       block_size=cfg.block_size, enable_prefix_caching=True)
+                       block_size=cfg.block_size, enable_prefix_caching=True, dtype=vllm_dtype(cfg.dtype, model_dir))
         self.tokenizer = self.llm.get_tokenizer()
         self.decoder = TaskDecoder(self.tokenizer, cfg.max_tokens_ner)
         self._adapters: dict[str, int] = {}

@@ -3,7 +3,9 @@
 Set with `setdefault`, so a user can still opt in (e.g. HF_HUB_OFFLINE=0 to fetch a hub model).
 """
 
+import json
 import os
+from pathlib import Path
 
 OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
@@ -97,3 +99,18 @@ def native_bf16(gpu: bool = False) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def vllm_dtype(requested: str = "auto", model_dir: str | Path | None = None) -> str:
+    """vLLM's `dtype` for an engine on `model_dir` here. `auto` is the checkpoint's (bf16) on a GPU or on a
+    CPU with native bf16 matmuls, else float32: vLLM's CPU backend keeps bf16 on an AVX2-only CPU and runs it
+    on the slow fallback path (benchmarks/engine_dtype.py). A quantized model keeps its checkpoint's dtype
+    (vLLM's INT4 CPU kernel is built and measured for bf16 activations). Any other value is passed through."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    config = Path(model_dir or "") / "config.json"
+    if model_dir is not None and config.is_file() and "quantization_config" in json.loads(config.read_text()):
+        return "auto"
+    return "auto" if torch.cuda.is_available() or native_bf16() else "float32"

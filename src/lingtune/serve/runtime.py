@@ -141,11 +141,14 @@ def vllm_args(cfg: ServeConfig, plan: ServePlan) -> Namespace:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from lingtune.env import vllm_dtype
+
     argv = ["--model", str(plan.base), "--served-model-name", plan.base_name,
             "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", str(cfg.max_num_seqs),
             "--seed", "0", "--disable-uvicorn-access-log", "--disable-log-stats",
             "--enable-prompt-tokens-details"]  # usage.prompt_tokens_details.cached_tokens, as OpenAI reports it
     argv += ["--enforce-eager"] if cfg.enforce_eager else []
+    argv += ["--dtype", vllm_dtype(model_dir=plan.base)]  # float32 on an AVX2-only CPU (bf16 there: a slow fallback)
     argv += ["--enable-prefix-caching"] if cfg.prefix_caching else ["--no-enable-prefix-caching"]
     argv += ["--block-size", str(cfg.block_size)] if cfg.block_size else []
     if not cfg.json_whitespace:  # structured outputs as compact JSON: a small model cannot pad them with blanks
