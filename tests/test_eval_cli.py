@@ -47,3 +47,19 @@ def test_eval_refuses_bad_models(root, tmp_path):
     for model, text in ((str(tmp_path), "neither a model folder"), ("models:/lingtune@champion", "registry")):
         result = lingtune_eval(tmp_path, "--data", str(root / "tests/data/val.jsonl"), "--model", model, "--task", "ner")
         assert result.returncode == 2 and text in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_scores_an_adapter_merged_as_the_evaluate_stage_does(root, tmp_path):
+    """`lingtune eval --model ADAPTER` runs what the evaluate stage runs (evaluate.merge_adapters: the
+    adapter merged into its base, cached), not vLLM's slower CPU LoRA path."""
+    from test_register import make_adapter
+
+    base = build_tiny_model(tmp_path / "tiny")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1)
+    cache = tmp_path / "merged"
+    (tmp_path / "params.yaml").write_text(f"data:\n  out_dir: {root}/tests/data\nevaluate:\n  merge_cache_dir: {cache}\n")
+    result = lingtune_eval(tmp_path, "--model", str(adapter), "--data", str(root / "tests/data/val.jsonl"),
+                           "--task", "sentiment", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name[:7] for p in cache.iterdir()] == ["merged-"] and (next(cache.iterdir()) / "config.json").is_file()
+    assert "enable_lora=True" not in result.stderr and "'enable_lora': True" not in result.stderr

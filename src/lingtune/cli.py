@@ -223,14 +223,15 @@ def eval_file(
     from lingtune import tasks
     from lingtune.formats import read_jsonl, read_user_jsonl
     from lingtune.data.overlap import overlap_report
-    from lingtune.evaluate.run import default_model, engine_config, evaluate_file
+    from lingtune.evaluate.run import default_model, engine_config, evaluate_file, scoring_ref
     from lingtune.models import resolve
 
     cfg = _params(params)
     spec = tasks.get(task)
     model = model or default_model(cfg)
     typer.echo(f"model: {model}", err=True)
-    ref = resolve(model, cfg.tracking.uri, cfg.register_.cache_dir)
+    # scored as the evaluate stage scores it: an adapter merged into its base (evaluate.merge_adapters)
+    ref = scoring_ref(resolve(model, cfg.tracking.uri, cfg.register_.cache_dir), cfg.evaluate)
     train = Path(cfg.data.out_dir) / "train.jsonl"
     if train.is_file():
         report = overlap_report(read_jsonl(train), read_user_jsonl(data, task=task).records)
