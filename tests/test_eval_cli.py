@@ -57,7 +57,8 @@ def test_eval_scores_an_adapter_merged_as_the_evaluate_stage_does(root, tmp_path
     base = build_tiny_model(tmp_path / "tiny")
     adapter = make_adapter(base, tmp_path / "adapter", seed=1)
     cache = tmp_path / "merged"
-    (tmp_path / "params.yaml").write_text(f"data:\n  out_dir: {root}/tests/data\nevaluate:\n  merge_cache_dir: {cache}\n")
+    (tmp_path / "params.yaml").write_text(f"data:\n  out_dir: {root}/tests/data\n"
+                                          f"evaluate:\n  merge_cache_dir: {cache}\n")
     result = lingtune_eval(tmp_path, "--model", str(adapter), "--data", str(root / "tests/data/val.jsonl"),
                            "--task", "sentiment", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
