@@ -105,7 +105,7 @@ def vllm_dtype(requested: str = "auto", model_dir: str | Path | None = None) -> 
     """vLLM's `dtype` for an engine on `model_dir` here. `auto` is the checkpoint's (bf16) on a GPU or on a
     CPU with native bf16 matmuls, else float32: vLLM's CPU backend keeps bf16 on an AVX2-only CPU and runs it
     on the slow fallback path (benchmarks/engine_dtype.py). A quantized model keeps its checkpoint's dtype
-    (vLLM's INT4 CPU kernel is built and measured for bf16 activations). Any other value is passed through."""
+    (vLLM's INT4 CPU kernel has only run with its bf16 activations here; float32 is untested). Any other value is passed through."""
     if requested != "auto":
         return requested
     import torch
