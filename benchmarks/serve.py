@@ -1,6 +1,7 @@
 """Load benchmark of the serving stack against the machine's ceiling and a naive baseline.
 
-In one run: (1) the peak bf16 matmul FLOP/s of this machine; (2) the lingtune service
+In one run: (1) the peak matmul FLOP/s of this machine in the dtype the engine computes in (bf16, or
+float32 where bf16 is not native: lingtune.env.vllm_dtype); (2) the lingtune service
 (`bentoml serve`, vLLM) started from params.yaml, then one client in sequence (latency), then C
 concurrent clients with the official `openai` async client sending sentiment and/or NER requests
 from the test split to the task endpoints /v1/sentiment and /v1/ner (`--route chat`: chat
@@ -41,16 +42,25 @@ from lingtune.formats import read_jsonl  # noqa: E402
 from lingtune import tasks as lingtune_tasks  # noqa: E402
 
 
-def peak_flops(trials: int = 5) -> tuple[float, float]:
-    """(bf16 matmul FLOP/s with all cores, spread): the ceiling every request shares, measured as
+def engine_dtype(model_dir: Path) -> str:
+    """The dtype vLLM computes in for `model_dir` here: float32 where lingtune.env.vllm_dtype asks for it
+    (no native bf16 matmuls), else bf16 (the checkpoints' dtype)."""
+    from lingtune.env import vllm_dtype
+
+    return "float32" if vllm_dtype(model_dir=model_dir) == "float32" else "bfloat16"
+
+
+def peak_flops(dtype: str = "bfloat16", trials: int = 5) -> tuple[float, float]:
+    """(matmul FLOP/s in `dtype` with all cores, spread): the ceiling every request shares, measured as
     benchmarks/matmul_peak.py does (best of `trials` timed runs after a warm-up, square and LM-head
-    shapes); spread = best / worst run of the best shape."""
+    shapes); spread = best / worst run of the best shape. The dtype is the engine's: a bf16 peak on a
+    CPU whose engine runs float32 would be the wrong ceiling (and takes minutes to probe there)."""
     import torch
 
     from matmul_peak import SHAPES, time_matmul
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    runs = [time_matmul(torch, torch.bfloat16, m, k, n, trials) for _, m, k, n in SHAPES]
+    runs = [time_matmul(torch, getattr(torch, dtype), m, k, n, trials) for _, m, k, n in SHAPES]
     best = max(runs, key=max)
     return max(best) * 1e9, round(max(best) / min(best), 3)
 
@@ -249,7 +259,8 @@ def run(args) -> dict:
     log = sys.stderr if args.verbose else open(os.devnull, "w")
     report = {"task": args.task, "route": args.route, "model": model, "base": str(plan.base), "preload": not args.no_preload}
     report["load_average_at_start"] = os.getloadavg()[0]  # other processes share these cores: read with care
-    report["peak_flops"], report["peak_spread"] = peak_flops()
+    report["peak_dtype"] = engine_dtype(plan.base)
+    report["peak_flops"], report["peak_spread"] = peak_flops(report["peak_dtype"])
     non_embedding, head = parameter_counts(plan.base)
     proc, url = start_service(Path(args.params), overrides, log)
     try:
@@ -310,9 +321,11 @@ def table(r: dict) -> str:
     lines += [f"| {name} | {m['clients']} | {m['requests']} | {m['errors']} | {m['req_per_s']:.2f} | "
               f"{m['mean_latency_ms']:.0f} | {m['p50_latency_ms']:.0f} | {m['p95_latency_ms']:.0f} | "
               f"{m['p99_latency_ms']:.0f} | {m['output_tok_per_s']:.0f} |" for name, m in rows if m]
-    lines.append(f"\npeak bf16 matmul {r['peak_flops'] / 1e9:.0f} GFLOP/s; {r['flops_per_request'] / 1e9:.2f} "
-                 f"GFLOP/request -> ceiling {r['roofline_req_per_s']:.1f} req/s; roofline_fraction "
-                 f"{r['roofline_fraction']:.2f}; single-client mean {r['single_client_latency_ms']:.0f} ms; "
+    lines.append(f"\npeak {r['peak_dtype']} matmul {r['peak_flops'] / 1e9:.0f} GFLOP/s; "
+                 f"{r['flops_per_request'] / 1e9:.2f} GFLOP/request -> "
+                 f"ceiling {r['roofline_req_per_s']:.1f} req/s; "
+                 f"roofline_fraction {r['roofline_fraction']:.2f}; "
+                 f"single-client mean {r['single_client_latency_ms']:.0f} ms; "
                  f"speed-up vs naive {r.get('speedup_vs_naive')} (same tokens), "
                  f"{r.get('speedup_vs_naive_full_answer')} (naive generates the whole answer); "
                  f"load average {r['load_average_at_start']:.1f} at start, "

@@ -427,8 +427,9 @@ def test_plan_merges_an_adapter_model_once(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_reports_every_documented_key(tiny_model_dir, tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serve": {"model": str(tiny_model_dir), "adapters": {},
-                                                                    "kv_cache_gb": 1}}))
+    serve = {"model": str(tiny_model_dir), "adapters": {}, "kv_cache_gb": 1,
+             "max_tokens_ner": 32}  # random weights answer NER up to the limit, here and in the naive server
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serve": serve}))
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--params", str(tmp_path / "params.yaml"),
                            "--data", str(ROOT / "tests" / "data" / "train.jsonl"), "--task", "mix", "--clients", "4",
                            "--requests", "8", "--single-requests", "2", "--naive-requests", "2", "--naive-threads", "1",
@@ -440,6 +441,9 @@ def test_benchmark_reports_every_documented_key(tiny_model_dir, tmp_path):
                 "mean_cached_prompt_tokens"):
         assert isinstance(report[key], (int, float)), key
     assert 0 < report["roofline_fraction"] <= 1 and report["peak_spread"] >= 1
+    from lingtune.env import vllm_dtype  # the ceiling is the peak of the dtype the engine computes in
+
+    assert report["peak_dtype"] == {"float32": "float32"}.get(vllm_dtype(model_dir=tiny_model_dir), "bfloat16")
     assert 0 < report["mean_cached_prompt_tokens"] < report["mean_prompt_tokens"]  # the template, shared
     assert report["errors"] == 0 and report["naive"]["errors"] == 0 and report["requests"] == 8
     assert report["repeated_prompts"] == 0  # a prompt sent twice is a prefix-cache hit: each phase takes new ones
