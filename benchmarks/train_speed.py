@@ -1,9 +1,12 @@
 """Training speed against this CPU's matrix peak, in one run: SFT (lingtune's step and a plain loop),
 full fine-tuning, and an RL step at the shipped settings.
 
-1. The bf16 matmul peak with all training threads (the probe of benchmarks/matmul_peak.py: best of
-   `--trials` timed runs after a warm-up, square and LM-head shapes), once before and once after the
-   configurations; `peak_gflops` is the best of both, `peak_spread` the best / worst run of that shape.
+1. The matmul peak with all training threads in each dtype the configurations compute in (bf16 under
+   bf16 autocast or bf16 RL, else float32: `sft.precision: auto` trains in float32 where bf16 matmuls are not
+   native, and RL on a CPU is float32), by the probe of benchmarks/matmul_peak.py: best of `--trials`
+   timed runs after a warm-up, square and LM-head shapes, once before and once after the configurations;
+   `peak_gflops` is the best of both in the `sft` configuration's dtype (`peak_dtype`), `peak_spread` the
+   best / worst run of that shape, `peak_gflops_by_dtype` every dtype's.
 2. Each configuration in its own process (peak RSS is per process), on the same real training batches
    (`BucketBatchSampler` with the pipeline's seed, batch size and sequence limit, so the lengths are
    those `dvc repro sft` trains on):
@@ -25,9 +28,11 @@ full fine-tuning, and an RL step at the shipped settings.
 3. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, attention, forward and
    backward as dispatched) on the same batches in a separate, untimed pass; for RL, on one extra step
    (generation, log-probs of policy and reference, the update). Achieved FLOP/s = FLOPs / timed
-   seconds; `*_roofline_fraction` = achieved / `peak_gflops`. Above 1 the benchmark stops with an error.
+   seconds; `*_roofline_fraction` = achieved / the peak of the dtype that configuration computes in
+   (`configs.<name>.peak_dtype`). Above 1 the benchmark stops with an error.
 
-JSON keys: `peak_gflops`, `peak_spread`, `sft_tokens_per_s`, `sft_roofline_fraction`, `sft_speedup_vs_plain`,
+JSON keys: `peak_gflops`, `peak_spread`, `peak_dtype`, `peak_gflops_by_dtype`, `sft_tokens_per_s`,
+`sft_roofline_fraction`, `sft_speedup_vs_plain`,
 `rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `lora_vs_full_peak_ratio`,
 `lora_vs_full_training_memory_ratio` (the same without the imported runtime both pay), `chunked_head_loss_saves_mb`,
 `chunked_head_loss_speedup`, `lora_checkpointed_vs_full_peak_ratio` and `checkpointing_speedup` (`sft-checkpointed`
@@ -60,15 +65,31 @@ CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", 
            "rl-every-row")
 
 
-def peak_flops(threads: int, trials: int) -> tuple[float, float]:
-    """(best bf16 matmul FLOP/s over the probe's shapes, best / worst run of that shape)."""
+def peak_flops(threads: int, trials: int, dtype: str = "bfloat16") -> tuple[float, float]:
+    """(best `dtype` matmul FLOP/s over the probe's shapes, best / worst run of that shape)."""
     import torch
     from matmul_peak import SHAPES, time_matmul
 
     torch.set_num_threads(threads)
-    runs = [time_matmul(torch, torch.bfloat16, m, k, n, trials) for _, m, k, n in SHAPES]
+    runs = [time_matmul(torch, getattr(torch, dtype), m, k, n, trials) for _, m, k, n in SHAPES]
     best = max(runs, key=max)
     return max(best) * 1e9, max(best) / min(best)
+
+
+def precision_dtype(precision: str) -> str:
+    """The dtype the matmuls of a row's `precision` (Lightning's for SFT, `rl.precision` for RL) run in."""
+    return {"bf16-mixed": "bfloat16", "bf16": "bfloat16", "16-mixed": "float16"}.get(precision, "float32")
+
+
+def config_dtype(config: str, params) -> str:
+    """The dtype `config` will compute in, known before it runs (its peak is probed before and after)."""
+    from lingtune.train.sft import resolve_precision
+
+    if config == "plain":
+        return "float32"
+    if config.startswith("rl"):
+        return precision_dtype(params.rl.precision)
+    return precision_dtype(resolve_precision(params.sft_full if config.startswith("full") else params.sft).precision)
 
 
 def roofline(flops_per_s: float, peak: float, what: str) -> float:
@@ -264,13 +285,21 @@ def child(args) -> dict:
     return {"peak_rss_mb": peak_rss_mb(), **row}
 
 
-def summary(rows: dict[str, dict], peak: float, spread: float) -> dict:
-    result = {"peak_gflops": round(peak / 1e9, 1), "peak_spread": round(spread, 3),
+def summary(rows: dict[str, dict], peaks: dict[str, tuple[float, float]]) -> dict:
+    """`peaks`: dtype -> (best FLOP/s, spread). Each row's fraction is of the peak of the dtype it computes in."""
+    for name, row in rows.items():
+        row["peak_dtype"] = precision_dtype(row["precision"])
+        if row["peak_dtype"] not in peaks:
+            raise SystemExit(f"{name} computed in {row['peak_dtype']}, whose peak was not probed: not reported")
+    main = rows["sft"]["peak_dtype"] if "sft" in rows else next(iter(peaks))
+    result = {"peak_gflops": round(peaks[main][0] / 1e9, 1), "peak_spread": round(peaks[main][1], 3),
+              "peak_dtype": main, "peak_gflops_by_dtype": {d: round(p / 1e9, 1) for d, (p, _) in peaks.items()},
               "flop_counting": "torch.utils.flop_counter.FlopCounterMode, forward + backward as dispatched",
               "configs": rows}
     for name, row in rows.items():
         row["gflops_per_s"] = round(row["flops_per_s"] / 1e9, 1)
-        row["roofline_fraction"] = roofline(row["flops_per_s"], peak, f"{name} roofline_fraction")
+        row["roofline_fraction"] = roofline(row["flops_per_s"], peaks[row["peak_dtype"]][0],
+                                            f"{name} roofline_fraction")
     if "sft" in rows:
         result["sft_tokens_per_s"] = rows["sft"]["tokens_per_s"]
         result["sft_roofline_fraction"] = rows["sft"]["roofline_fraction"]
@@ -308,7 +337,8 @@ def summary(rows: dict[str, dict], peak: float, spread: float) -> dict:
 
 
 def table(r: dict) -> str:
-    lines = [f"bf16 matmul peak {r['peak_gflops']} GFLOP/s (spread {r['peak_spread']}); FLOPs: {r['flop_counting']}",
+    lines = [f"{r['peak_dtype']} matmul peak {r['peak_gflops']} GFLOP/s (spread {r['peak_spread']}; by dtype "
+             f"{r['peak_gflops_by_dtype']}); FLOPs: {r['flop_counting']}",
              "| config | precision | s/step | tokens/s | GFLOP/s | of peak | runtime / loaded / peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, row in r["configs"].items():
@@ -332,13 +362,17 @@ def main() -> None:
         return
     from lingtune.config import load_params
 
-    threads = load_params(args.params).sft.threads or os.cpu_count()
-    before = peak_flops(threads, args.trials)
-    rows = run_configs(__file__, args.configs.split(","), ["--params", args.params, "--steps", str(args.steps),
-                                                           "--rl-steps", str(args.rl_steps)])
-    after = peak_flops(threads, args.trials)
-    result = summary(rows, *max(before, after))
-    result["peak_gflops_before_after"] = [round(before[0] / 1e9, 1), round(after[0] / 1e9, 1)]
+    params = load_params(args.params)
+    threads = params.sft.threads or os.cpu_count()
+    configs = args.configs.split(",")
+    dtypes = sorted({config_dtype(config, params) for config in configs})
+    before = {dtype: peak_flops(threads, args.trials, dtype) for dtype in dtypes}
+    rows = run_configs(__file__, configs, ["--params", args.params, "--steps", str(args.steps),
+                                           "--rl-steps", str(args.rl_steps)])
+    after = {dtype: peak_flops(threads, args.trials, dtype) for dtype in dtypes}
+    result = summary(rows, {dtype: max(before[dtype], after[dtype]) for dtype in dtypes})
+    result["peak_gflops_before_after"] = [round(before[result["peak_dtype"]][0] / 1e9, 1),
+                                          round(after[result["peak_dtype"]][0] / 1e9, 1)]
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 
