@@ -49,6 +49,17 @@ def time_matmul(torch, dtype, m: int, k: int, n: int, trials: int) -> list[float
     return rates
 
 
+def peak(dtype: str, threads: int, trials: int) -> tuple[float, float]:
+    """(best FLOP/s of `dtype` matmuls over SHAPES with `threads`, best / worst run of that shape): the
+    ceiling other benchmarks divide by (serve.py, train_speed.py), in the dtype their work computes in."""
+    import torch
+
+    torch.set_num_threads(threads)
+    runs = [time_matmul(torch, getattr(torch, dtype), m, k, n, trials) for _, m, k, n in SHAPES]
+    best = max(runs, key=max)
+    return max(best) * 1e9, max(best) / min(best)
+
+
 def measure(threads: int, trials: int) -> dict:
     import torch
 

@@ -51,18 +51,13 @@ def engine_dtype(model_dir: Path) -> str:
 
 
 def peak_flops(dtype: str = "bfloat16", trials: int = 5) -> tuple[float, float]:
-    """(matmul FLOP/s in `dtype` with all cores, spread): the ceiling every request shares, measured as
-    benchmarks/matmul_peak.py does (best of `trials` timed runs after a warm-up, square and LM-head
-    shapes); spread = best / worst run of the best shape. The dtype is the engine's: a bf16 peak on a
-    CPU whose engine runs float32 would be the wrong ceiling (and takes minutes to probe there)."""
-    import torch
+    """(matmul FLOP/s in `dtype` with all cores, spread): the ceiling every request shares, measured by
+    benchmarks/matmul_peak.py's probe. The dtype is the engine's: a bf16 peak on a CPU whose engine runs
+    float32 would be the wrong ceiling (and takes minutes to probe there)."""
+    from matmul_peak import peak
 
-    from matmul_peak import SHAPES, time_matmul
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    runs = [time_matmul(torch, getattr(torch, dtype), m, k, n, trials) for _, m, k, n in SHAPES]
-    best = max(runs, key=max)
-    return max(best) * 1e9, round(max(best) / min(best), 3)
+    rate, spread = peak(dtype, len(os.sched_getaffinity(0)), trials)
+    return rate, round(spread, 3)
 
 
 def roofline(req_per_s: float, flops_per_request: float, peak: float) -> float:

@@ -60,20 +60,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe; children
 
 from children import add_config_arguments, run_configs  # noqa: E402
+from matmul_peak import peak  # noqa: E402
 
 CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full", "full-unfused", "rl",
            "rl-every-row")
-
-
-def peak_flops(threads: int, trials: int, dtype: str = "bfloat16") -> tuple[float, float]:
-    """(best `dtype` matmul FLOP/s over the probe's shapes, best / worst run of that shape)."""
-    import torch
-    from matmul_peak import SHAPES, time_matmul
-
-    torch.set_num_threads(threads)
-    runs = [time_matmul(torch, getattr(torch, dtype), m, k, n, trials) for _, m, k, n in SHAPES]
-    best = max(runs, key=max)
-    return max(best) * 1e9, max(best) / min(best)
 
 
 def precision_dtype(precision: str) -> str:
@@ -366,10 +356,10 @@ def main() -> None:
     threads = params.sft.threads or os.cpu_count()
     configs = args.configs.split(",")
     dtypes = sorted({config_dtype(config, params) for config in configs})
-    before = {dtype: peak_flops(threads, args.trials, dtype) for dtype in dtypes}
+    before = {dtype: peak(dtype, threads, args.trials) for dtype in dtypes}
     rows = run_configs(__file__, configs, ["--params", args.params, "--steps", str(args.steps),
                                            "--rl-steps", str(args.rl_steps)])
-    after = {dtype: peak_flops(threads, args.trials, dtype) for dtype in dtypes}
+    after = {dtype: peak(dtype, threads, args.trials) for dtype in dtypes}
     result = summary(rows, {dtype: max(before[dtype], after[dtype]) for dtype in dtypes})
     result["peak_gflops_before_after"] = [round(before[result["peak_dtype"]][0] / 1e9, 1),
                                           round(after[result["peak_dtype"]][0] / 1e9, 1)]
