@@ -443,7 +443,7 @@ def test_benchmark_reports_every_documented_key(tiny_model_dir, tmp_path):
     assert 0 < report["roofline_fraction"] <= 1 and report["peak_spread"] >= 1
     from lingtune.env import vllm_dtype  # the ceiling is the peak of the dtype the engine computes in
 
-    assert report["peak_dtype"] == {"float32": "float32"}.get(vllm_dtype(model_dir=tiny_model_dir), "bfloat16")
+    assert report["peak_dtype"] == ("float32" if vllm_dtype(model_dir=tiny_model_dir) == "float32" else "bfloat16")
     assert 0 < report["mean_cached_prompt_tokens"] < report["mean_prompt_tokens"]  # the template, shared
     assert report["errors"] == 0 and report["naive"]["errors"] == 0 and report["requests"] == 8
     assert report["repeated_prompts"] == 0  # a prompt sent twice is a prefix-cache hit: each phase takes new ones
