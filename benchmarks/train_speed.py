@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe; children
 
 from children import add_config_arguments, run_configs  # noqa: E402
-from matmul_peak import peak  # noqa: E402
+from matmul_peak import peak as matmul_peak  # noqa: E402  (`peak` names locals and parameters here)
 
 CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full", "full-unfused", "rl",
            "rl-every-row")
@@ -356,10 +356,10 @@ def main() -> None:
     threads = params.sft.threads or os.cpu_count()
     configs = args.configs.split(",")
     dtypes = sorted({config_dtype(config, params) for config in configs})
-    before = {dtype: peak(dtype, threads, args.trials) for dtype in dtypes}
+    before = {dtype: matmul_peak(dtype, threads, args.trials) for dtype in dtypes}
     rows = run_configs(__file__, configs, ["--params", args.params, "--steps", str(args.steps),
                                            "--rl-steps", str(args.rl_steps)])
-    after = {dtype: peak(dtype, threads, args.trials) for dtype in dtypes}
+    after = {dtype: matmul_peak(dtype, threads, args.trials) for dtype in dtypes}
     result = summary(rows, {dtype: max(before[dtype], after[dtype]) for dtype in dtypes})
     result["peak_gflops_before_after"] = [round(before[result["peak_dtype"]][0] / 1e9, 1),
                                           round(after[result["peak_dtype"]][0] / 1e9, 1)]
