@@ -31,7 +31,8 @@ Both curves use the same validation examples (the first `--max-examples` of each
 two runs compare directly; each report carries the recipe it measured.
 
 Options: `--snapshots` (models/sft_snapshots), `--params` (params.yaml: the data folder and `evaluate`'s
-engine and decoding), `--max-examples` (300 per task; 0 = all), `--json`.
+engine and decoding), `--max-examples` (300 per task; 0 = all), `--steps` (only these snapshots, e.g.
+`400,800`: each costs an engine start and a pass over the examples), `--json`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,17 @@ def base_points(curve: dict) -> list[dict]:
              "epochs": round(s["examples_seen"] / size, 3) if size else None,
              "train_seconds": s["train_seconds"], "train_loss": s.get("train_loss"), "val_loss": s.get("val_loss"),
              "snapshot": s["path"]} for s in sorted(curve["snapshots"], key=lambda s: s["step"])]
+
+
+def chosen_points(points: list[dict], steps: list[int] | None) -> list[dict]:
+    """The points of `steps` (all of them for None); a step without a snapshot is an error naming those there are."""
+    if steps is None:
+        return points
+    have = {p["step"] for p in points}
+    if missing := sorted(set(steps) - have):
+        raise SystemExit(f"error: no snapshot at step {', '.join(map(str, missing))}; "
+                         f"the run has {', '.join(map(str, sorted(have)))}")
+    return [p for p in points if p["step"] in set(steps)]
 
 
 def scored(point: dict, metrics: dict) -> dict:
@@ -128,7 +140,7 @@ def check_rank(curve: dict, params) -> None:
                          "of the --params file: raise it there")
 
 
-def measure(folder: Path, params_file: Path, max_examples: int) -> dict:
+def measure(folder: Path, params_file: Path, max_examples: int, steps: list[int] | None = None) -> dict:
     from lingtune.config import load_params
     from lingtune.evaluate.run import split_records
 
@@ -136,7 +148,7 @@ def measure(folder: Path, params_file: Path, max_examples: int) -> dict:
     curve = read_curve(folder)
     check_rank(curve, params)
     records = split_records(Path(params.data.out_dir) / "val.jsonl", max_examples)
-    points = score_points(params, folder, base_points(curve), records)
+    points = score_points(params, folder, chosen_points(base_points(curve), steps), records)
     return {"split": "validation", "max_examples": max_examples, "snapshots": str(folder),
             "constrained": params.evaluate.constrained, "examples": {task: len(r) for task, r in records.items()},
             "fingerprint": curve.get("fingerprint"), "recipe": curve["recipe"], "train_examples": curve.get("train_examples"),
@@ -164,6 +176,8 @@ def main() -> None:
     parser.add_argument("--snapshots", type=Path, default=Path("models/sft_snapshots"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--max-examples", type=int, default=300, help="per task, from the validation split; 0 = all")
+    parser.add_argument("--steps", type=lambda v: [int(x) for x in v.split(",")],
+                        help="score only these snapshots, e.g. 400,800 (default: every one)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.max_examples < 0:
@@ -171,7 +185,7 @@ def main() -> None:
     # vLLM logs to stdout, resolved when it is imported (inside `measure`): there they go to stderr, so that
     # `--json > FILE` holds the report only
     with contextlib.redirect_stdout(sys.stderr):
-        report = measure(args.snapshots, args.params, args.max_examples)
+        report = measure(args.snapshots, args.params, args.max_examples, args.steps)
     print(json.dumps(report, indent=2) if args.json else table(report))
     sys.stdout.flush()
 

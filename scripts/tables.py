@@ -321,15 +321,32 @@ def quality_curve(rel: str, data: dict) -> list[str]:
     return out
 
 
-BENCH_TABLES = {"quality_curve": quality_curve}
-"""Benchmarks whose JSON reads better as a table of their own than as key/value rows."""
+def comparison(rel: str, data: dict) -> list[str]:
+    """`lingtune compare --json`: each metric's lead of the candidate, with its paired bootstrap interval."""
+    rows = [[name, pct(m["baseline"]), pct(m["candidate"]), pts(m["lead"]), f"[{pts(m['low'])}, {pts(m['high'])}]",
+             "yes" if m["beyond_noise"] else "no"] for name, m in data["metrics"].items()]
+    note = (f"`lingtune compare {data['baseline']} {data['candidate']}`; {pct(data['confidence'])} interval from "
+            f"{num(data['bootstrap_samples'])} paired resamples; beyond noise: lower bound above the margin "
+            f"{data['margin']}")
+    return [source([rel], note), "", *md_table(["metric", "baseline", "candidate", "lead", "interval",
+                                                "beyond noise"], rows)]
+
+
+BENCH_TABLES = {"quality_curve": quality_curve, "compare": comparison}
+"""Benchmarks whose JSON reads better as a table of their own than as key/value rows, by the name's first
+word (`quality_curve_ner_extra` is a quality_curve report)."""
+
+
+def bench_renderer(name: str):
+    return next((render for prefix, render in BENCH_TABLES.items() if name == prefix or name.startswith(prefix + "_")),
+                None)
 
 
 def bench_table(root: Path, name: str) -> list[str]:
     rel = f"{BENCH_DIR}/{name}.json"
     data = load(root, rel)
-    if name in BENCH_TABLES:
-        return BENCH_TABLES[name](rel, data)
+    if renderer := bench_renderer(name):
+        return renderer(rel, data)
     if isinstance(data, list) and data and all(isinstance(row, dict) for row in data):  # one row per item
         flat = [dict(flatten(row)) for row in data]
         keys = list(dict.fromkeys(k for row in flat for k in row))

@@ -249,3 +249,23 @@ def test_the_quality_curve_becomes_a_table_of_points(project_copy):
     assert "| 200 | 1,600 | 0.26 | 20.0 | 80.0% | 50.0% | 40.0% | 50.0% | 0.0% / 1.0% |" in page
     assert "NER F1 +6.0 pt (+0.6 pt per minute)" in page and "Best step: sentiment 100, NER 200." in page
     assert "#### `quality_curve`" not in page  # its own region, not among the other saved results
+
+
+def test_a_candidate_curve_and_a_comparison_get_their_own_tables(project_copy):
+    """A candidate's quality curve (`quality_curve_NAME.json`) renders as a curve, `lingtune compare --json`
+    output (`compare_NAME.json`) as one row per metric (numbers made up for the test only)."""
+    point = {"step": 800, "examples_seen": 6400, "epochs": 0.55, "train_seconds": 5700.0, "sentiment_macro_f1": 0.8,
+             "sentiment_invalid": 0.0, "ner_precision": 0.9, "ner_recall": 0.85, "ner_f1": 0.874, "ner_invalid": 0.0}
+    lead = {"baseline": 0.8, "candidate": 0.85, "lead": 0.05, "low": 0.01, "high": 0.09, "examples": 272,
+            "beyond_noise": True}
+    compared = {"baseline": "a.jsonl", "candidate": "b.jsonl", "confidence": 0.95, "margin": 0.0,
+                "bootstrap_samples": 2000, "metrics": {"ner.f1": lead}}
+    bench = project_copy / "reports" / "benchmarks"
+    bench.mkdir(exist_ok=True)
+    (bench / "quality_curve_zz.json").write_text(json.dumps({"examples": {}, "points": [point], "saturation": None}))
+    (bench / "compare_zz.json").write_text(json.dumps(compared))
+    assert run_tables(project_copy).returncode == 0
+    page = (project_copy / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert "| 800 | 6,400 | 0.55 | 95.0 | 80.0% | 90.0% | 85.0% | 87.4% | 0.0% / 0.0% |" in page
+    assert "| ner.f1 | 80.0% | 85.0% | +5.0 pt | [+1.0 pt, +9.0 pt] | yes |" in page
+    assert "`lingtune compare a.jsonl b.jsonl`" in page

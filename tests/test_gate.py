@@ -164,3 +164,55 @@ def test_a_gate_metric_the_rows_cannot_give_is_a_config_error(registry):
     scored(old=CHAMPION, new=CHAMPION)
     with pytest.raises(ConfigError, match="'ner.support' is not a metric the gate can recompute"):
         gate(mlflow_client, cfg.model_copy(update={"gate_metrics": ["ner.support"]}), new, seed=0)
+
+
+def run_compare(tmp_path, capsys, baseline: list[dict], candidate: list[dict], *args: str) -> tuple[int, str, str]:
+    """`lingtune compare` in this process (exit status, stdout, stderr)."""
+    from lingtune import cli
+
+    files = []
+    for name, rows in (("baseline", baseline), ("candidate", candidate)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        files.append(str(path))
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    try:
+        cli.main(["compare", *files, *args, "--params", str(tmp_path / "params.yaml")])
+        status = 0
+    except SystemExit as exc:
+        status = exc.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_compare_says_which_leads_are_beyond_the_noise(tmp_path, capsys):
+    # the candidate fixes every NER miss (6 of 30) and gains one review net out of sixty
+    candidate = answers_for((set(range(12)) - {0, 1}) | {40}, set())
+    status, out, err = run_compare(tmp_path, capsys, CHAMPION, candidate, "--json")
+    assert status == 0, err
+    report = json.loads(out)
+    metrics = report["metrics"]
+    assert set(metrics) == {"sentiment.accuracy", "sentiment.macro_f1", "ner.precision", "ner.recall", "ner.f1",
+                            "gate score"} and report["confidence"] == 0.95
+    assert metrics["ner.recall"]["baseline"] == pytest.approx(0.9) and metrics["ner.recall"]["candidate"] == 1.0
+    assert metrics["ner.recall"]["beyond_noise"] and metrics["ner.recall"]["low"] > 0
+    assert metrics["sentiment.accuracy"]["lead"] > 0 and not metrics["sentiment.accuracy"]["beyond_noise"]
+    assert metrics["sentiment.accuracy"]["low"] < 0 < metrics["sentiment.accuracy"]["high"]
+    status, out, _ = run_compare(tmp_path, capsys, CHAMPION, candidate, "--metric", "ner.f1")
+    assert status == 0 and out.startswith("ner.f1: baseline ") and "(beyond noise)" in out
+
+
+def test_compare_refuses_answers_to_other_examples_and_rows_that_are_not_answers(tmp_path, capsys):
+    other = example_rows(SENTIMENT[::-1] + NER, answer_texts(set(), set()))
+    status, _, err = run_compare(tmp_path, capsys, CHAMPION, other)
+    assert status == 2 and "cannot be compared" in err
+    bare = [{"task": r["task"], "text": r["text"]} for r in CHAMPION]
+    status, _, err = run_compare(tmp_path, capsys, CHAMPION, bare)
+    assert status == 2 and "lingtune eval --predictions" in err, err
+    status, _, err = run_compare(tmp_path, capsys, CHAMPION, CHAMPION, "--metric", "ner.bleu")
+    assert status == 2 and "ner.bleu" in err, err
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(SystemExit) as exc:
+        from lingtune import cli
+        cli.main(["compare", str(tmp_path / "broken.jsonl"), str(tmp_path / "broken.jsonl")])
+    assert exc.value.code == 2 and "not a file of per-example answers" in capsys.readouterr().err

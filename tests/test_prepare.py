@@ -83,3 +83,35 @@ def test_stage_writes_splits_card_and_mlflow_run(tmp_path, monkeypatch):
     assert run.data.metrics["sentiment.total"] == 400
     assert run.data.tags["lingtune.stage"] == "prepare"
     assert run.data.params["data.sentiment.total"] == "400"
+
+
+def test_train_extras_go_to_train_only_and_leave_val_and_test_as_they_were(small):
+    params, prepared = small
+    more = parse_params({"data": {"sentiment": {"total": 400, "train_extra": 100},
+                                  "ner": {"characters": 6000, "train_extra_characters": 4000}}})
+    grown = build_dataset(more.data, more.seed)
+    assert grown.splits["val"] == prepared.splits["val"] and grown.splits["test"] == prepared.splits["test"]
+    reviews = [r for r in grown.splits["train"] if r.task == "sentiment"]
+    assert len(reviews) == 320 + 100 and sum(r.label == "positive" for r in reviews) == 210  # still balanced
+    assert {r.text for r in prepared.splits["train"] if r.task == "sentiment"} < {r.text for r in reviews}
+    added = [r for r in grown.splits["train"] if r.task == "ner"]
+    before = [r for r in prepared.splits["train"] if r.task == "ner"]
+    assert {r.text for r in before} < {r.text for r in added}
+    extra_chars = sum(len(r.text) for r in added) - sum(len(r.text) for r in before)
+    assert 4000 <= extra_chars < 4000 + 2 * 160 and grown.selection["ner"]["train_extra_characters"] == extra_chars
+    assert any(not r.entities for r in added if r.text not in {b.text for b in before})  # empty_fraction holds too
+    # the one dedupe index covers the extras: none is a (near) duplicate of a val or test sentence
+    index = NearDuplicateIndex(more.data.dedupe, more.seed)
+    for r in grown.splits["val"] + grown.splits["test"]:
+        index.add(r.text)
+    extras = [r for r in added + reviews if r.text not in {b.text for b in prepared.splits["train"]}]
+    assert len(extras) > 100 and all(index.add(r.text) for r in extras)
+
+
+def test_more_extra_sentences_than_the_corpus_has_is_a_clear_error():
+    from lingtune.data.corpora import read_peoples_daily
+
+    params = parse_params({"data": {**SMALL["data"], "ner": {"characters": 6000, "train_extra_characters": 50_000}}})
+    sentences = read_peoples_daily(compound_org=True)[:600]  # ~14k characters in length: the extras run out
+    with pytest.raises(PrepareError, match="train_extra_characters=50000"):
+        build_dataset(params.data, params.seed, sentences=sentences)

@@ -29,6 +29,14 @@ CURVE = {"fingerprint": "abc", "recipe": {"lora": {"r": 8}, "out_dir": "models/s
                         "val_loss": None, "val_step": None, "path": "step-00050"}]}
 
 
+def test_chosen_steps_keep_their_order_and_an_absent_step_names_those_there_are():
+    points = curve_module.base_points(CURVE)
+    assert curve_module.chosen_points(points, None) == points
+    assert [p["step"] for p in curve_module.chosen_points(points, [100])] == [100]
+    with pytest.raises(SystemExit, match="no snapshot at step 75; the run has 50, 100"):
+        curve_module.chosen_points(points, [75, 100])
+
+
 def scores(sentiment: float, ner: float) -> dict:
     return {"sentiment": {"macro_f1": sentiment, "invalid_rate": 0.0},
             "ner": {"precision": ner, "recall": ner, "f1": ner, "invalid_rate": 0.5}}

