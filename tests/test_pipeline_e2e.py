@@ -29,7 +29,7 @@ def project(root, tmp_path_factory):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["backbone"].update(name="smollm2-135m", verify_tokens=6)
     params["data"]["sentiment"]["total"] = 200
-    params["data"]["ner"]["characters"] = 3000
+    params["data"]["ner"].update(characters=3000, train_extra_characters=3000)  # the train-only extras run too
     params["sft"].update(max_steps=4, batch_size=2, val_batches=1, checkpoint_every_n_steps=2, val_every_n_steps=2)
     params["sft_full"].update(max_steps=2)
     # Untrained answers run to the NER token limit: 256 tokens made evaluate 7 of the test's 14 minutes.

@@ -7,7 +7,7 @@ from lingtune.data.dedupe import NearDuplicateIndex, text_key
 from lingtune.data.prepare import PrepareError, build_dataset, prepare_stage
 from lingtune.data.card import split_stats, read_splits
 
-SMALL = {"data": {"sentiment": {"total": 400}, "ner": {"characters": 6000}}}
+SMALL = {"data": {"sentiment": {"total": 400}, "ner": {"characters": 6000, "train_extra_characters": 0}}}
 
 
 @pytest.fixture(scope="module")

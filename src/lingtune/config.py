@@ -76,7 +76,7 @@ class SentimentDataConfig(_LengthBounds):
 class NerDataConfig(_LengthBounds):
     characters: int = Field(120_000, gt=0)
     """Characters of People's Daily sentences to keep (before the split)."""
-    train_extra_characters: int = Field(0, ge=0)
+    train_extra_characters: int = Field(240_000, ge=0)
     """More sentences after those, for the train split only: val and test stay the same examples as with 0."""
     min_chars: int = Field(8, ge=1)
     max_chars: int = Field(160, ge=1)
