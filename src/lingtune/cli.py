@@ -274,7 +274,7 @@ def compare(
     leads = compare_answers(rows[baseline], rows[candidate], metric, cfg.register_, cfg.seed)
     out = {name: {"baseline": lead.champion, "candidate": lead.candidate, "lead": lead.difference,
                   "low": lead.low, "high": lead.high, "examples": lead.examples,
-                  "beyond_noise": lead.low > cfg.register_.margin} for name, lead in leads.items()}
+                  "beyond_noise": lead.beyond_noise(cfg.register_.margin)} for name, lead in leads.items()}
     if as_json:
         _print_json({"baseline": str(baseline), "candidate": str(candidate), "confidence": cfg.register_.confidence,
                      "margin": cfg.register_.margin, "bootstrap_samples": cfg.register_.bootstrap_samples,

@@ -58,6 +58,10 @@ class Lead:
     def difference(self) -> float:
         return self.candidate - self.champion
 
+    def beyond_noise(self, margin: float) -> bool:
+        """The whole interval lies above `margin`: the lead is not the examples' noise."""
+        return self.low > margin
+
 
 class NotComparable(Exception):
     """The two models' validation answers are not to the same examples."""
@@ -191,7 +195,7 @@ def gate(mlflow_client, cfg: RegisterConfig, candidate_version: str, seed: int) 
     except NotComparable as exc:
         return decide(False, f"candidate v{c} and champion v{before}: {exc}; champion unchanged")
     summary = f"candidate v{c} {describe(lead, cfg, f'v{before}')}"
-    if lead.low <= cfg.margin:
+    if not lead.beyond_noise(cfg.margin):
         return decide(False, f"{summary}: the lower bound is not above the margin {cfg.margin}, so the lead may be "
                              "the validation set's noise; champion unchanged")
     return decide(True, f"{summary}: better beyond the noise and the margin {cfg.margin}: v{c} is champion")
