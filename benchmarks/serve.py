@@ -67,7 +67,7 @@ def roofline(req_per_s: float, flops_per_request: float, peak: float) -> float:
     if fraction > 1.0:
         raise SystemExit(f"roofline_fraction {fraction:.3f} > 1: the peak probe ({peak / 1e9:.0f} GFLOP/s) "
                          "under-measured the machine or the FLOPs per request are over-counted; not reported")
-    return round(fraction, 3)
+    return float(f"{fraction:.3g}")  # significant digits: a tiny model on a fast peak is 0.0004, not 0.0
 
 
 def parameter_counts(model_dir: Path) -> tuple[int, int]:

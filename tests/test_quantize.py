@@ -88,3 +88,27 @@ def test_int4_sweep_refuses_a_bad_recipe_before_any_work(root, tmp_path, recipe,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and message in done.stderr
     assert not any(tmp_path.iterdir())  # nothing quantized
+
+
+def test_a_second_process_waits_while_the_env_is_being_created(tmp_path, monkeypatch):
+    """Two pipelines (or two test workers) on one machine: the second must not delete the env the first
+    is still installing; it waits on the lock beside the env, then finds it ready."""
+    import fcntl
+    import threading
+
+    import lingtune.quantize as q
+
+    created = []
+    monkeypatch.setattr(q, "_create_env_once", lambda env, requirements, log: created.append(env) or env / "bin/python")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("")
+    env = tmp_path / "envs" / ".venv-quant"
+    env.parent.mkdir()
+    with open(env.parent / ".venv-quant.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process is creating the env
+        waiting = threading.Thread(target=q.ensure_env, args=(env, requirements), daemon=True)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not created, "ensure_env went on while another process held the env's lock"
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and created == [env]

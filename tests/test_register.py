@@ -19,7 +19,7 @@ from lingtune.models import resolve as resolve_model
 from lingtune.register import model_card, promote, run_register
 from lingtune.errors import ModelError
 from lingtune.predictions import ScoredModel, write_validation
-from lingtune.registry import CONTENT_TAG, RegistryError, RegistryMissing, alias_version, cached_hash, client
+from lingtune.registry import CONTENT_TAG, RegistryError, RegistryMissing, alias_version, client
 from test_gate import CHAMPION, answers_for
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -80,10 +81,20 @@ def write_calibration(model_dir: Path, train_file: Path, samples: int, seed: int
 
 
 def ensure_env(env_dir: str | Path, requirements: str | Path, log=print) -> Path:
-    """The quantization env's python, created from the pinned requirements when missing or stale."""
+    """The quantization env's python, created from the pinned requirements when missing or stale.
+
+    One process at a time: a second `quantize` (another pipeline, a parallel test worker) waits for the
+    first to finish creating the env instead of deleting it half-installed."""
     env, requirements = Path(env_dir), Path(requirements)
     if not requirements.is_file():
         raise QuantizeError(f"{requirements}: no such file (quantize.env_requirements)")
+    env.parent.mkdir(parents=True, exist_ok=True)
+    with open(env.with_name(env.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _create_env_once(env, requirements, log)
+
+
+def _create_env_once(env: Path, requirements: Path, log) -> Path:
     stamp, python = env / ".lingtune-requirements.sha256", env / "bin" / "python"
     if stamp.is_file() and python.exists() and stamp.read_text().strip() == content_hash(requirements):
         return python
