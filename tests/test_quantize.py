@@ -91,7 +91,7 @@ def test_int4_sweep_refuses_a_bad_recipe_before_any_work(root, tmp_path, recipe,
 
 
 def test_a_second_process_waits_while_the_env_is_being_created(tmp_path, monkeypatch):
-    """Two pipelines (or two test workers) on one machine: the second must not delete the env the first
+    """Two pipelines (or a pipeline and a test run) on one machine: the second must not delete the env the first
     is still installing; it waits on the lock beside the env, then finds it ready."""
     import fcntl
     import threading
