@@ -17,7 +17,7 @@ between them is generated (never edit it by hand). The same NAME may appear in s
   data-corpus      data/processed/card.json    what the corpora gave: labels, entities, dropped texts
   ood-set          data/ood/card.json          the out-of-domain set: texts per task, sector, label, entity type
   bench:NAME       reports/benchmarks/NAME.json   a benchmark's `--json` output, as saved by the user
-                   (quality_curve has a table of its own: one row per snapshot; others are key/value)
+                   (quality_curve, compare and rl_reward have tables of their own; others are key/value)
   bench-other      reports/benchmarks/*.json   every saved benchmark without a bench:NAME region
 
 Usage: python scripts/tables.py            rewrite the regions in place
@@ -332,7 +332,26 @@ def comparison(rel: str, data: dict) -> list[str]:
                                                 "beyond noise"], rows)]
 
 
-BENCH_TABLES = {"quality_curve": quality_curve, "compare": comparison}
+def rl_reward(rel: str, rows: list[dict]) -> list[str]:
+    """benchmarks/rl_reward.py: each RL recipe's lead over the SFT adapter on validation, with its interval."""
+    def lead(m: dict) -> str:
+        return f"{pts(m['lead'])} [{pts(m['low'])}, {pts(m['high'])}]{' beyond noise' if m['beyond_noise'] else ''}"
+
+    table = [[r["candidate"], num(r["seed"]), " -> ".join(f"{w:g}" for w in r["ner_weight"]), num(r["steps"]),
+              lead(r["sentiment_macro_f1"]), pts(r["ner_precision"]["lead"]), pts(r["ner_recall"]["lead"]),
+              lead(r["ner_f1"]), lead(r["gate_score"]), num(r["ner_answers_changed"]),
+              f"{num(r['ner_entities_not_in_text']['sft'])} -> {num(r['ner_entities_not_in_text']['rl'])}"]
+             for r in rows]
+    confidence = rows[0]["confidence"] if rows else None
+    note = ("validation split; lead of RL over the SFT adapter it started from (`reports/eval/validation/sft.jsonl`), "
+            f"{pct(confidence)} paired bootstrap interval as `lingtune compare`; beyond noise: lower bound above the "
+            "gate's margin")
+    return [source([rel], note), "", *md_table(["candidate", "seed", "NER weight", "steps", "sentiment macro-F1",
+                                                "NER P", "NER R", "NER F1", "gate score", "NER answers changed",
+                                                "NER entities not in the text"], table, "lrrrrrrrrrr")]
+
+
+BENCH_TABLES = {"quality_curve": quality_curve, "compare": comparison, "rl_reward": rl_reward}
 """Benchmarks whose JSON reads better as a table of their own than as key/value rows, by the name's first
 word (`quality_curve_ner_extra` is a quality_curve report)."""
 

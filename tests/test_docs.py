@@ -269,3 +269,23 @@ def test_a_candidate_curve_and_a_comparison_get_their_own_tables(project_copy):
     assert "| 800 | 6,400 | 0.55 | 95.0 | 80.0% | 90.0% | 85.0% | 87.4% | 0.0% / 0.0% |" in page
     assert "| ner.f1 | 80.0% | 85.0% | +5.0 pt | [+1.0 pt, +9.0 pt] | yes |" in page
     assert "`lingtune compare a.jsonl b.jsonl`" in page
+
+
+def test_rl_recipes_get_one_row_each_with_their_leads(project_copy):
+    """benchmarks/rl_reward.py's list of rows renders as one row per RL recipe (numbers made up for the test)."""
+    def lead(value: float, beyond: bool) -> dict:
+        return {"sft": 0.8, "rl": 0.8 + value, "lead": value, "low": value - 0.01, "high": value + 0.01,
+                "beyond_noise": beyond}
+
+    row = {"candidate": "rl_zz", "seed": 7, "ner_weight": [0.3, 0.1], "ner_metric": "f1", "steps": 24,
+           "answers": "zz.jsonl", "ner_answers_changed": 5, "ner_entities_not_in_text": {"sft": 8, "rl": 2},
+           "confidence": 0.9, "sentiment_macro_f1": lead(0.03, True), "ner_precision": lead(0.01, False),
+           "ner_recall": lead(-0.02, False), "ner_f1": lead(-0.005, False), "gate_score": lead(0.012, True)}
+    bench = project_copy / "reports" / "benchmarks"
+    bench.mkdir(exist_ok=True)
+    (bench / "rl_reward.json").write_text(json.dumps([row]))
+    assert run_tables(project_copy).returncode == 0
+    page = (project_copy / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert ("| rl_zz | 7 | 0.3 -> 0.1 | 24 | +3.0 pt [+2.0 pt, +4.0 pt] beyond noise | +1.0 pt | -2.0 pt "
+            "| -0.5 pt [-1.5 pt, +0.5 pt] | +1.2 pt [+0.2 pt, +2.2 pt] beyond noise | 5 | 8 -> 2 |") in page
+    assert "90.0% paired bootstrap interval" in page and "#### `rl_reward`" not in page

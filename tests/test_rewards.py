@@ -146,10 +146,10 @@ def test_ner_reward_function_and_empty_gold():
 
 def test_default_weights_and_linear_schedule():
     cfg = RewardConfig()
-    assert weights_at(cfg.weights_start, cfg.weights_end, 0.0) == [0.5, 0.0, 0.2]
-    assert weights_at(cfg.weights_start, cfg.weights_end, 1.0) == pytest.approx([0.4, 0.0, 0.2])
-    assert weights_at(cfg.weights_start, cfg.weights_end, 0.5) == pytest.approx([0.45, 0.0, 0.2])
-    assert weights_at(cfg.weights_start, cfg.weights_end, 7.0) == pytest.approx([0.4, 0.0, 0.2])  # clamped
+    assert weights_at(cfg.weights_start, cfg.weights_end, 0.0) == [0.5, 0.3, 0.2]
+    assert weights_at(cfg.weights_start, cfg.weights_end, 1.0) == pytest.approx([0.4, 0.3, 0.2])
+    assert weights_at(cfg.weights_start, cfg.weights_end, 0.5) == pytest.approx([0.45, 0.3, 0.2])
+    assert weights_at(cfg.weights_start, cfg.weights_end, 7.0) == pytest.approx([0.4, 0.3, 0.2])  # clamped
     assert [f.__name__ for f in reward_functions(cfg, RubricJudge())] == list(COMPONENTS)
 
 
