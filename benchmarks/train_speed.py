@@ -4,7 +4,7 @@ full fine-tuning, and an RL step at the shipped settings.
 1. The matmul peak with all training threads in each dtype the configurations compute in (bf16 under
    bf16 autocast or bf16 RL, else float32: `sft.precision: auto` trains in float32 where bf16 matmuls are not
    native, and RL on a CPU is float32), by the probe of benchmarks/matmul_peak.py: best of `--trials`
-   timed runs after a warm-up, square and LM-head shapes, once before and once after the configurations;
+   timed runs after a warm-up, square, tall, MLP and LM-head shapes, once before and once after the configurations;
    `peak_gflops` is the best of both in the `sft` configuration's dtype (`peak_dtype`), `peak_spread` the
    best / worst run of that shape, `peak_gflops_by_dtype` every dtype's.
 2. Each configuration in its own process (peak RSS is per process), on the same real training batches
