@@ -22,7 +22,8 @@ import time
 # state, a 16,384-row slice of its 262,144-token vocabulary (to keep the slow paths short). The peak is the
 # best of all shapes, and no one shape is best everywhere: on an AMX Xeon (2026-12-07) square-1024 ran at
 # ~1.6 TFLOP/s in bf16 while 2048 x 1024 x 1024 and a training step's MLP matmul (~1,000 tokens x 640 ->
-# Gemma 3's 2,048-wide MLP) ran at ~3 TFLOP/s, so a probe of square-1024 alone reported half the peak.
+# Gemma 3's 2,048-wide MLP) ran at 2.5-3 TFLOP/s (reports/benchmarks/matmul_peak_amx.json), so a probe of
+# square-1024 alone reported about half the peak.
 SHAPES = [("square-1024", 1024, 1024, 1024), ("tall-2048", 2048, 1024, 1024), ("mlp-up", 1024, 640, 2048),
           ("lm-head-forward", 96, 640, 16384), ("lm-head-input-grad", 96, 16384, 640),
           ("lm-head-weight-grad", 640, 96, 16384)]
