@@ -8,10 +8,16 @@ full fine-tuning, and an RL step at the shipped settings.
    `peak_gflops` is the best of both in the `sft` configuration's dtype (`peak_dtype`), `peak_spread` the
    best / worst run of that shape, `peak_gflops_by_dtype` every dtype's.
 2. Each configuration in its own process (peak RSS is per process), on the same real training batches
-   (`BucketBatchSampler` with the pipeline's seed, batch size and sequence limit, so the lengths are
-   those `dvc repro sft` trains on):
+   (`BucketBatchSampler` with the pipeline's seed, batch size and sequence limit; `--steps` batches at evenly
+   spaced quantiles of an epoch's padded widths, so the lengths are those of a whole `dvc repro sft` run), each
+   step timed after one untimed pass over the same batches (the compiles
+   happen there: `warm_up_seconds`):
    * `sft`   lingtune's SFT step (`sft.*` params: LoRA, precision auto, answer-only LM head, fused AdamW,
-             `sft.compile`), timed after two warm-up steps (the compile happens there);
+             `sft.compile`), the compile happens in the warm-up pass;
+   * `sft-sdpa` the same with `sft.attention: sdpa` (torch's fused attention kernel instead of the eager
+             attention ops the compiled layers fuse), to show what the attention choice buys;
+   * `sft-batch16` the same with 16 examples per step instead of `sft.batch_size`, to show how throughput scales
+             with tokens per step (a recipe change: measured here for speed, not for quality);
    * `sft-eager` the same with `sft.compile: none`, to show what compiling buys;
    * `sft-whole-logits` the same with `sft.loss_chunk_rows: 0` (the LM head and cross-entropy on all answer
              rows at once), to show what the chunked head loss saves in memory and costs in time;
@@ -24,7 +30,9 @@ full fine-tuning, and an RL step at the shipped settings.
    * `rl`    TRL RLOO steps of the `rl` stage (`rl.*` and `reward.*` params, the real SFT adapter);
    * `rl-every-row` the same steps with TRL's own CPU log-prob scoring (the LM head on every prompt,
              completion and padding position, not only the completion tokens: see
-             `lingtune.train.rl.completion_rows_only`), to show what scoring the completions only buys.
+             `lingtune.train.rl.completion_rows_only`), to show what scoring the completions only buys;
+   * `rl-bf16` the same steps with `rl.precision: bf16` (the trainer's bf16 autocast), to show what the
+             matrix units buy RL (its fraction is of the bf16 peak).
 3. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, attention, forward and
    backward as dispatched) on the same batches in a separate, untimed pass; for RL, on one extra step
    (generation, log-probs of policy and reference, the update). Achieved FLOP/s = FLOPs / timed
@@ -33,9 +41,11 @@ full fine-tuning, and an RL step at the shipped settings.
 
 JSON keys: `peak_gflops`, `peak_spread`, `peak_dtype`, `peak_gflops_by_dtype`, `sft_tokens_per_s`,
 `sft_roofline_fraction`, `sft_speedup_vs_plain`,
-`rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `lora_vs_full_peak_ratio`,
+`rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `rl_bf16_speedup` (`rl` over `rl-bf16`
+seconds per step), `lora_vs_full_peak_ratio`,
 `lora_vs_full_training_memory_ratio` (the same without the imported runtime both pay), `chunked_head_loss_saves_mb`,
-`chunked_head_loss_speedup`, `lora_checkpointed_vs_full_peak_ratio` and `checkpointing_speedup` (`sft-checkpointed`
+`chunked_head_loss_speedup`, `sdpa_attention_speedup` (`sft-sdpa` against `sft`), `batch16_speedup` (tokens/s of
+`sft-batch16` against `sft`), `lora_checkpointed_vs_full_peak_ratio` and `checkpointing_speedup` (`sft-checkpointed`
 against `full` and against `sft`), `fused_adamw_speedup_full` (`full` against `full-unfused`),
 and `configs.<name>` with the details (step seconds per step, tokens and FLOPs per
 step; RSS after imports, after loading the model, and the peak of the timed steps).
@@ -62,8 +72,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # matmul_peak: the one peak probe;
 from children import add_config_arguments, run_configs  # noqa: E402
 from matmul_peak import peak as matmul_peak  # noqa: E402  (`peak` names locals and parameters here)
 
-CONFIGS = ("sft", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full", "full-unfused", "rl",
-           "rl-every-row")
+CONFIGS = ("sft", "sft-sdpa", "sft-batch16", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full",
+           "full-unfused", "rl", "rl-every-row", "rl-bf16")
 
 
 def precision_dtype(precision: str) -> str:
@@ -77,6 +87,8 @@ def config_dtype(config: str, params) -> str:
 
     if config == "plain":
         return "float32"
+    if config == "rl-bf16":
+        return "bfloat16"
     if config.startswith("rl"):
         return precision_dtype(params.rl.precision)
     return precision_dtype(resolve_precision(params.sft_full if config.startswith("full") else params.sft).precision)
@@ -91,14 +103,19 @@ def roofline(flops_per_s: float, peak: float, what: str) -> float:
 
 
 def training_batches(params, cfg, count: int) -> list[dict]:
-    """The first `count` batches the SFT stage would train on (same sampler, seed and limits)."""
+    """`count` batches the SFT stage trains on (same sampler, seed and limits), spread over the lengths of a
+    whole epoch: the batches at evenly spaced quantiles of their padded width. The first few batches of a run
+    are a sample too small for that (a step's cost grows faster than its length: attention), so a lever
+    measured on them can lose on the long batches."""
     from lingtune.train.loader import BucketBatchSampler, collate_left_padded
     from lingtune.train.sft import load_data
 
     tokenizer, train_set, _ = load_data(params.backbone.out_dir, Path(params.data.out_dir), cfg.max_seq_len)
-    sampler = BucketBatchSampler(train_set.lengths(), cfg.batch_size, params.seed)
-    return [collate_left_padded([train_set[i] for i in indices], tokenizer.pad_token_id)
-            for _, indices in zip(range(count), sampler)]
+    lengths = train_set.lengths()
+    epoch = sorted(BucketBatchSampler(lengths, cfg.batch_size, params.seed),
+                   key=lambda indices: max(lengths[i] for i in indices))
+    picked = [epoch[int((k + 0.5) * len(epoch) / count)] for k in range(min(count, len(epoch)))]
+    return [collate_left_padded([train_set[i] for i in indices], tokenizer.pad_token_id) for indices in picked]
 
 
 def sft_step(config: str, params):
@@ -110,6 +127,10 @@ def sft_step(config: str, params):
     cfg = resolve_precision(params.sft_full if config in ("full", "full-unfused") else params.sft)
     if config == "sft-eager":
         cfg = cfg.model_copy(update={"compile": "none"})
+    if config == "sft-sdpa":
+        cfg = cfg.model_copy(update={"attention": "sdpa"})
+    if config == "sft-batch16":
+        cfg = cfg.model_copy(update={"batch_size": 16})
     if config == "sft-whole-logits":
         cfg = cfg.model_copy(update={"loss_chunk_rows": 0})
     if config == "sft-checkpointed":
@@ -188,19 +209,22 @@ def run_sft_config(config: str, params, steps: int) -> dict:
     runtime = rss_mb()
     step, count, cfg = sft_step(config, params)
     loaded = rss_mb()
-    batches = training_batches(params, cfg, steps + 2)
+    batches = training_batches(params, cfg, steps)
     started = time.perf_counter()
-    for batch in batches[:2]:  # warm-up: compile, allocator, autocast caches, first-call kernels
+    # warm-up on the timed batches themselves: compile (and the recompiles a new case triggers, e.g. a batch
+    # without padding or a one-row loss chunk), allocator, autocast caches. A run compiles each case once, so
+    # the timed steps are its steady state; the one-off cost is `warm_up_seconds`.
+    for batch in batches:
         step(batch)
     warm_up = time.perf_counter() - started
     seconds = []
-    for batch in batches[2:]:
+    for batch in batches:
         started = time.perf_counter()
         step(batch)
         seconds.append(time.perf_counter() - started)
     peak = peak_rss_mb()  # before the counting pass below, which runs compiled code eagerly
-    flops = [counted_flops(count, batch) for batch in batches[2:]]
-    tokens = [int(batch["attention_mask"].sum()) for batch in batches[2:]]
+    flops = [counted_flops(count, batch) for batch in batches]
+    tokens = [int(batch["attention_mask"].sum()) for batch in batches]
     precision = "32-true" if config == "plain" else cfg.precision
     return {"config": config, "precision": precision, "batch_size": cfg.batch_size,
             "compile": "none" if config == "plain" else cfg.compile, "warm_up_seconds": round(warm_up, 1),
@@ -210,9 +234,10 @@ def run_sft_config(config: str, params, steps: int) -> dict:
             "runtime_rss_mb": runtime, "loaded_rss_mb": loaded, "peak_rss_mb": peak}
 
 
-def run_rl_config(params, steps: int, every_row: bool) -> dict:
+def run_rl_config(params, steps: int, every_row: bool, precision: str | None = None) -> dict:
     """`steps` timed RLOO steps after one warm-up step, then one step under the FLOP counter. With
-    `every_row`, the trainer class's own `train` (TRL's scoring of every position) instead of lingtune's."""
+    `every_row`, the trainer class's own `train` (TRL's scoring of every position) instead of lingtune's;
+    `precision` overrides `rl.precision`."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import TrainerCallback
@@ -222,7 +247,8 @@ def run_rl_config(params, steps: int, every_row: bool) -> dict:
     from lingtune.train.rl import build_trainer, prompt_dataset
     from lingtune.train.scoring import load_policy
 
-    rl = params.rl.model_copy(update={"max_steps": steps + 2, "save_steps": 10_000})
+    rl = params.rl.model_copy(update={"max_steps": steps + 2, "save_steps": 10_000,
+                                      "precision": precision or params.rl.precision})
     params = params.model_copy(update={"rl": rl})
     model, tokenizer = load_policy(rl.sft_dir, trainable=True)
     dataset = prompt_dataset(Path(params.data.out_dir) / "train.jsonl", rl.max_prompts, params.seed)
@@ -251,7 +277,8 @@ def run_rl_config(params, steps: int, every_row: bool) -> dict:
         train = super(type(trainer), trainer).train if every_row else trainer.train
         train()
     mean = statistics.mean(clock.seconds)
-    return {"config": "rl-every-row" if every_row else "rl", "algorithm": rl.algorithm, "precision": rl.precision,
+    name = "rl-every-row" if every_row else "rl" if precision is None else f"rl-{precision}"
+    return {"config": name, "algorithm": rl.algorithm, "precision": rl.precision,
             "threads": torch.get_num_threads(),
             "completions_per_step": rl.prompts_per_step * rl.num_generations,
             "step_seconds": [round(s, 2) for s in clock.seconds], "flops_per_step": clock.flops,
@@ -270,7 +297,8 @@ def child(args) -> dict:
     torch.manual_seed(params.seed)
     rl = args.child.startswith("rl")
     torch.set_num_threads(params.rl.threads if rl else params.sft.threads or os.cpu_count())
-    row = (run_rl_config(params, args.rl_steps, every_row=args.child == "rl-every-row") if rl
+    row = (run_rl_config(params, args.rl_steps, every_row=args.child == "rl-every-row",
+                         precision="bf16" if args.child == "rl-bf16" else None) if rl
            else run_sft_config(args.child, params, args.steps))
     return {"peak_rss_mb": peak_rss_mb(), **row}
 
@@ -303,6 +331,9 @@ def summary(rows: dict[str, dict], peaks: dict[str, tuple[float, float]]) -> dic
     if "rl" in rows and "rl-every-row" in rows:
         result["rl_speedup_vs_every_row"] = round(statistics.mean(rows["rl-every-row"]["step_seconds"])
                                                   / statistics.mean(rows["rl"]["step_seconds"]), 2)
+    if "rl" in rows and "rl-bf16" in rows:
+        result["rl_bf16_speedup"] = round(statistics.mean(rows["rl"]["step_seconds"])
+                                          / statistics.mean(rows["rl-bf16"]["step_seconds"]), 2)
     if "sft" in rows and "full" in rows:
         result["lora_vs_full_peak_ratio"] = round(rows["sft"]["peak_rss_mb"] / rows["full"]["peak_rss_mb"], 3)
         # the same without the imported runtime (Python, torch, transformers, peft, Lightning), which both
@@ -314,6 +345,10 @@ def summary(rows: dict[str, dict], peaks: dict[str, tuple[float, float]]) -> dic
         result["chunked_head_loss_saves_mb"] = rows["sft-whole-logits"]["peak_rss_mb"] - rows["sft"]["peak_rss_mb"]
         result["chunked_head_loss_speedup"] = round(
             rows["sft"]["tokens_per_s"] / rows["sft-whole-logits"]["tokens_per_s"], 2)
+    if "sft" in rows and "sft-sdpa" in rows:
+        result["sdpa_attention_speedup"] = round(rows["sft-sdpa"]["tokens_per_s"] / rows["sft"]["tokens_per_s"], 2)
+    if "sft" in rows and "sft-batch16" in rows:
+        result["batch16_speedup"] = round(rows["sft-batch16"]["tokens_per_s"] / rows["sft"]["tokens_per_s"], 2)
     if "sft-checkpointed" in rows and "full" in rows:
         result["lora_checkpointed_vs_full_peak_ratio"] = round(
             rows["sft-checkpointed"]["peak_rss_mb"] / rows["full"]["peak_rss_mb"], 3)

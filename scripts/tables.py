@@ -351,7 +351,24 @@ def rl_reward(rel: str, rows: list[dict]) -> list[str]:
                                                 "NER entities not in the text"], table, "lrrrrrrrrrr")]
 
 
-BENCH_TABLES = {"quality_curve": quality_curve, "compare": comparison, "rl_reward": rl_reward}
+def sft_profile(rel: str, r: dict) -> list[str]:
+    """benchmarks/sft_profile.py: where one SFT step's time goes, by kind of work and by matmul size."""
+    head = (f"`{r['variant']}`, batch {num(r['batch_size'])}, {r['precision']}, compile {r['compile']}, "
+            f"{num(r['threads'])} threads: {r['step_seconds']:.3f} s per step, {num(r['tokens_per_step'])} tokens "
+            f"({num(r['padded_tokens_per_step'])} with padding), {num(r['tokens_per_s'])} tokens/s; self time of "
+            "the profiled ops, mean of the profiled steps")
+    kinds = [[k, f"{v['seconds']:.3f}", pct(v["share"])] for k, v in r["kinds"].items()]
+    groups = [[g["group"], num(g["calls_per_step"]), f"{g['seconds']:.3f}", pct(g["share"]),
+               num(g["gflops_per_s"])] for g in r["matmul_groups"]]
+    shapes = [[" x ".join(map(str, t["mkn"])), num(t["calls_per_step"], 1), f"{t['seconds']:.4f}",
+               num(t["gflops_per_s"])] for t in r["matmul_top_shapes"][:8]]
+    return [source([rel], head), "", *md_table(["kind of work", "s/step", "share of the step"], kinds), "",
+            *md_table(["matmuls", "calls/step", "s/step", "share of the step", "GFLOP/s"], groups), "",
+            *md_table(["matmul m x k x n (most time first)", "calls/step", "s/step", "GFLOP/s"], shapes)]
+
+
+BENCH_TABLES = {"quality_curve": quality_curve, "compare": comparison, "rl_reward": rl_reward,
+                "sft_profile": sft_profile}
 """Benchmarks whose JSON reads better as a table of their own than as key/value rows, by the name's first
 word (`quality_curve_ner_extra` is a quality_curve report)."""
 

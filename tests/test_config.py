@@ -39,6 +39,8 @@ def test_full_baseline_inherits_the_sft_recipe():
     full = params.sft_full
     assert (full.method, full.quantization, full.batch_size, full.lr) == ("full", "none", 3, 3e-5)
     assert full.max_steps == 250  # the baseline's own step budget unless sft_full sets one
+    # LoRA trains with eager attention, the baseline with sdpa (eager broke its NER answers: docs/benchmarks.md)
+    assert (params.sft.attention, full.attention) == ("eager", "sdpa")
     assert full.out_dir == "models/sft_full" and full.metrics == "reports/sft_full.json"
     assert params.sft.out_dir == "models/sft"
     with pytest.raises(ConfigError, match=r"sft_full\.lr"):

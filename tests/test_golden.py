@@ -149,6 +149,37 @@ def test_chunked_head_loss_matches_under_bf16_autocast_with_a_frozen_bf16_base(r
         # after the bf16 matmul here, before it in the model's own backward)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_eager_attention_trains_as_sdpa_does(root, tiny_model_dir, arch):
+    """`sft.attention` picks the kernel, not the math: the backbone loaded with `eager` (the default, faster
+    under `compile: layers`) and with `sdpa` gives the same answer loss and LoRA gradients on a left-padded
+    batch (float32, so the only difference is the order of the sums)."""
+    from transformers import AutoTokenizer
+
+    from lingtune.config import SFTConfig
+    from lingtune.train.sft import answer_loss, load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    folder = tiny_model_dir if arch == "llama" else _saved_gemma3(tokenizer, tiny_model_dir)
+    batch = _batch(tokenizer, root)
+    losses, grads = {}, {}
+    for attention in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        cfg = SFTConfig(compile="none", precision="32-true", attention=attention)
+        model = load_model(str(folder), cfg).train()
+        assert model.get_base_model().config._attn_implementation == attention
+        for name, p in model.named_parameters():  # LoRA B starts at 0: give A a gradient too
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        loss, _ = answer_loss(model, batch)
+        loss.backward()
+        losses[attention], grads[attention] = loss.item(), _grads(model)
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
+    assert grads["eager"].keys() == grads["sdpa"].keys() and grads["eager"]
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grad, grads["sdpa"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _saved_gemma3(tokenizer, tiny_model_dir):
     folder = tiny_model_dir.parent / "tiny-gemma3"
     if not (folder / "config.json").is_file():

@@ -161,6 +161,11 @@ class SFTConfig(_Section):
     over the vocabulary-wide logits instead of several); `layers` also compiles the decoder layers (fused
     norms, casts, activations; one compiled code shared by all layers). A one-off compile at the first steps
     (benchmarks/train_speed.py); inductor needs a C compiler on CPU. `none`: eager."""
+    attention: Literal["eager", "sdpa"] = "eager"
+    """The backbone's attention kernel while training (transformers' `attn_implementation`). `eager`: the
+    attention matmuls and softmax as plain ops, which `compile: layers` fuses with the rest of each layer;
+    `sdpa`: torch's fused kernel, whose CPU backward was 0.15 s of a 1.0 s step at these sequence lengths
+    (benchmarks/sft_profile.py). Same math (tests/test_golden.py); the training loss differs by rounding only."""
     loss_chunk_rows: int = Field(64, ge=0)
     """The LM head and cross-entropy run on this many answer rows at a time, gradients computed in the same
     pass (lingtune.train.head_loss): the [answer rows, vocabulary] logits never exist whole. 0: whole logits
@@ -200,10 +205,11 @@ class SFTConfig(_Section):
         return self
 
 
-FULL_BASELINE_RECIPE = {"lr": 5e-5, "max_steps": 250, "snapshot_every_n_steps": 0}
+FULL_BASELINE_RECIPE = {"lr": 5e-5, "max_steps": 250, "snapshot_every_n_steps": 0, "attention": "sdpa"}
 """The full baseline's own defaults: every weight moves (20x lower lr than LoRA), and a full step costs
 ~2.2x a LoRA step here, so 250 steps are about the compute of 500 LoRA steps. No snapshots: each would be
-the whole model (~540 MB), and the learning curve is the LoRA recipe's question."""
+the whole model (~540 MB), and the learning curve is the LoRA recipe's question. `sdpa` attention: trained
+with eager attention the baseline repeated NER entities up to the token limit (docs/benchmarks.md#sft_profilepy)."""
 FULL_BASELINE_OVERRIDES = {
     "out_dir": "models/sft_full", "checkpoint_dir": "models/sft_full_checkpoints",
     "metrics": "reports/sft_full.json", "loss_curve": "reports/sft_full_loss.csv",

@@ -56,7 +56,8 @@ def load_model(backbone_dir: str, cfg: SFTConfig):
     """The backbone, quantized and wrapped for the configured method."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": torch.float32 if cfg.method == "full" or cfg.precision == "32-true" else torch.bfloat16}
+    kwargs = {"dtype": torch.float32 if cfg.method == "full" or cfg.precision == "32-true" else torch.bfloat16,
+              "attn_implementation": cfg.attention}
     if cfg.quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
