@@ -1,9 +1,9 @@
 """Where an SFT step's time goes: torch.profiler over lingtune's SFT step, grouped by kind of work.
 
 The step is benchmarks/train_speed.py's `sft` configuration (same model, params, optimizer, compile mode and
-real training batches), timed after the same two warm-up steps, then `--steps` steps under
-`torch.profiler.profile` (CPU activity). Every profiled op's SELF time (time in the op minus its child
-ops: no double counting) is put into one kind:
+real training batches): an untimed pass over the `--steps` batches first (compiles land there), then the
+same batches under `torch.profiler.profile` (CPU activity). Every profiled op's SELF time (time in the op
+minus its child ops: no double counting) is put into one kind:
 
 * `matmul`        aten::mm / addmm / bmm / baddbmm / _weight_int4pack_mm (the work the roofline counts)
 * `attention`     scaled_dot_product_attention kernels
@@ -97,7 +97,7 @@ def profile(variant: str, steps: int, batch_size: int | None, params_path: str, 
             seconds.append(time.perf_counter() - started)
     main_thread = defaultdict(float)  # self microseconds by op name, ops of the stepping thread only
     shapes = defaultdict(lambda: [0, 0.0])  # (m, k, n) of a matmul -> [calls, self microseconds]
-    thread = threading_id_of_main(prof)
+    thread = stepping_thread(prof)
     for event in prof.events():
         if event.thread == thread:
             main_thread[event.name] += event.self_cpu_time_total
@@ -157,7 +157,7 @@ def matmul_rows(shapes: dict, steps: int, step_s: float) -> list[dict]:
             for label, (calls, us, flops) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
 
 
-def threading_id_of_main(prof) -> int:
+def stepping_thread(prof) -> int:
     """The thread that ran the steps: the one with the most top-level op time (autograd's backward runs on
     the calling thread on CPU; intra-op worker threads record no ops)."""
     totals: dict[int, float] = defaultdict(float)
@@ -188,7 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--variant", default="sft", choices=VARIANTS)
-    parser.add_argument("--steps", type=int, default=4, help="profiled steps (after two warm-up steps)")
+    parser.add_argument("--steps", type=int, default=4, help="profiled steps (after an untimed pass)")
     parser.add_argument("--batch-size", type=int, default=0, help="override sft.batch_size (0: the params')")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--json", action="store_true")
