@@ -64,14 +64,14 @@ def main() -> None:
     from lingtune.config import load_params
     from lingtune.judge import make_judge
     from lingtune.train.rl import build_trainer, prompt_dataset
-    from lingtune.train.scoring import load_policy, prompt_set, sample_answers
+    from lingtune.train.scoring import load_policy, policy_precision, prompt_set, sample_answers
 
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     rl = params.rl.model_copy(update={"max_steps": args.steps, "save_steps": 10_000,
-                                      **({"precision": args.precision} if args.precision else {})})
+                                      "precision": policy_precision(args.precision or params.rl.precision)})
     params = params.model_copy(update={"rl": rl})
-    model, tokenizer = load_policy(rl.sft_dir, trainable=True)
+    model, tokenizer = load_policy(rl.sft_dir, trainable=True, precision=rl.precision)
     records = prompt_set(Path(params.data.out_dir) / "val.jsonl", 1)  # one review, one sentence
     with Clock() as sampling:
         sample_answers(model, tokenizer, records, params.reward.samples, params.reward.temperature,

@@ -31,8 +31,9 @@ full fine-tuning, and an RL step at the shipped settings.
    * `rl-every-row` the same steps with TRL's own CPU log-prob scoring (the LM head on every prompt,
              completion and padding position, not only the completion tokens: see
              `lingtune.train.rl.completion_rows_only`), to show what scoring the completions only buys;
-   * `rl-bf16` the same steps with `rl.precision: bf16` (the trainer's bf16 autocast), to show what the
-             matrix units buy RL (its fraction is of the bf16 peak).
+   * `rl-fp32` the same steps with `rl.precision: fp32` (the base upcast to float32, no autocast), to show
+             what the bf16 base and the matrix units buy RL (each fraction is of its own dtype's peak). A step's
+             time follows its longest completion, which sampling decides: rows carry the completion lengths.
 3. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, attention, forward and
    backward as dispatched) on the same batches in a separate, untimed pass; for RL, on one extra step
    (generation, log-probs of policy and reference, the update). Achieved FLOP/s = FLOPs / timed
@@ -41,7 +42,7 @@ full fine-tuning, and an RL step at the shipped settings.
 
 JSON keys: `peak_gflops`, `peak_spread`, `peak_dtype`, `peak_gflops_by_dtype`, `sft_tokens_per_s`,
 `sft_roofline_fraction`, `sft_speedup_vs_plain`,
-`rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `rl_bf16_speedup` (`rl` over `rl-bf16`
+`rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `rl_bf16_speedup` (`rl-fp32` over `rl`
 seconds per step), `lora_vs_full_peak_ratio`,
 `lora_vs_full_training_memory_ratio` (the same without the imported runtime both pay), `chunked_head_loss_saves_mb`,
 `chunked_head_loss_speedup`, `sdpa_attention_speedup` (`sft-sdpa` against `sft`), `batch16_speedup` (tokens/s of
@@ -73,7 +74,7 @@ from children import add_config_arguments, run_configs  # noqa: E402
 from matmul_peak import peak as matmul_peak  # noqa: E402  (`peak` names locals and parameters here)
 
 CONFIGS = ("sft", "sft-sdpa", "sft-batch16", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full",
-           "full-unfused", "rl", "rl-every-row", "rl-bf16")
+           "full-unfused", "rl", "rl-every-row", "rl-fp32")
 
 
 def precision_dtype(precision: str) -> str:
@@ -83,14 +84,15 @@ def precision_dtype(precision: str) -> str:
 
 def config_dtype(config: str, params) -> str:
     """The dtype `config` will compute in, known before it runs (its peak is probed before and after)."""
+    from lingtune.train.scoring import policy_precision
     from lingtune.train.sft import resolve_precision
 
     if config == "plain":
         return "float32"
-    if config == "rl-bf16":
-        return "bfloat16"
+    if config == "rl-fp32":
+        return "float32"
     if config.startswith("rl"):
-        return precision_dtype(params.rl.precision)
+        return precision_dtype(policy_precision(params.rl.precision))
     return precision_dtype(resolve_precision(params.sft_full if config.startswith("full") else params.sft).precision)
 
 
@@ -245,12 +247,12 @@ def run_rl_config(params, steps: int, every_row: bool, precision: str | None = N
 
     from lingtune.judge import make_judge
     from lingtune.train.rl import build_trainer, prompt_dataset
-    from lingtune.train.scoring import load_policy
+    from lingtune.train.scoring import load_policy, policy_precision
 
     rl = params.rl.model_copy(update={"max_steps": steps + 2, "save_steps": 10_000,
-                                      "precision": precision or params.rl.precision})
+                                      "precision": policy_precision(precision or params.rl.precision)})
     params = params.model_copy(update={"rl": rl})
-    model, tokenizer = load_policy(rl.sft_dir, trainable=True)
+    model, tokenizer = load_policy(rl.sft_dir, trainable=True, precision=rl.precision)
     dataset = prompt_dataset(Path(params.data.out_dir) / "train.jsonl", rl.max_prompts, params.seed)
 
     class Clock(TrainerCallback):
@@ -276,12 +278,16 @@ def run_rl_config(params, steps: int, every_row: bool, precision: str | None = N
         trainer.add_callback(clock)
         train = super(type(trainer), trainer).train if every_row else trainer.train
         train()
+    timed = {h["step"]: h for h in trainer.state.log_history if 2 <= h.get("step", 0) <= steps + 1
+             and "completions/max_length" in h}
     mean = statistics.mean(clock.seconds)
     name = "rl-every-row" if every_row else "rl" if precision is None else f"rl-{precision}"
     return {"config": name, "algorithm": rl.algorithm, "precision": rl.precision,
             "threads": torch.get_num_threads(),
             "completions_per_step": rl.prompts_per_step * rl.num_generations,
             "step_seconds": [round(s, 2) for s in clock.seconds], "flops_per_step": clock.flops,
+            "completion_max_length": [timed[s]["completions/max_length"] for s in sorted(timed)],
+            "completion_mean_length": [round(timed[s]["completions/mean_length"], 1) for s in sorted(timed)],
             "flops_per_s": clock.flops / mean}
 
 
@@ -298,7 +304,7 @@ def child(args) -> dict:
     rl = args.child.startswith("rl")
     torch.set_num_threads(params.rl.threads if rl else params.sft.threads or os.cpu_count())
     row = (run_rl_config(params, args.rl_steps, every_row=args.child == "rl-every-row",
-                         precision="bf16" if args.child == "rl-bf16" else None) if rl
+                         precision="fp32" if args.child == "rl-fp32" else None) if rl
            else run_sft_config(args.child, params, args.steps))
     return {"peak_rss_mb": peak_rss_mb(), **row}
 
@@ -331,9 +337,9 @@ def summary(rows: dict[str, dict], peaks: dict[str, tuple[float, float]]) -> dic
     if "rl" in rows and "rl-every-row" in rows:
         result["rl_speedup_vs_every_row"] = round(statistics.mean(rows["rl-every-row"]["step_seconds"])
                                                   / statistics.mean(rows["rl"]["step_seconds"]), 2)
-    if "rl" in rows and "rl-bf16" in rows:
-        result["rl_bf16_speedup"] = round(statistics.mean(rows["rl"]["step_seconds"])
-                                          / statistics.mean(rows["rl-bf16"]["step_seconds"]), 2)
+    if "rl" in rows and "rl-fp32" in rows:
+        result["rl_bf16_speedup"] = round(statistics.mean(rows["rl-fp32"]["step_seconds"])
+                                          / statistics.mean(rows["rl"]["step_seconds"]), 2)
     if "sft" in rows and "full" in rows:
         result["lora_vs_full_peak_ratio"] = round(rows["sft"]["peak_rss_mb"] / rows["full"]["peak_rss_mb"], 3)
         # the same without the imported runtime (Python, torch, transformers, peft, Lightning), which both

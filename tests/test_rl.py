@@ -313,3 +313,51 @@ def test_completion_only_scoring_gives_the_log_probs_of_the_full_logits_on_fewer
     torch.testing.assert_close(completion_only[valid], expected[valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(completion_only[valid], every_row[valid], rtol=1e-6, atol=1e-6)
     assert completion_flops < every_row_flops
+
+
+def test_the_policy_head_reads_a_contiguous_input_and_generates_the_same(tiny_model_dir, tiny_sft):
+    """`load_policy` hands the LM head a contiguous input: `generate` slices the last position of every row,
+    a strided view on which CPU `F.linear` copies the head's weight once per row (pytorch/pytorch#151934).
+    Same tokens as the policy loaded without the hook."""
+    import torch
+
+    from lingtune.models import ModelRef, load
+    from lingtune.train.scoring import load_policy
+
+    policy, tokenizer = load_policy(tiny_sft, trainable=False)
+    plain, _ = load(ModelRef(tiny_model_dir, tiny_sft), torch.float32)
+    seen: list[bool] = []
+    policy.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    enc = tokenizer.pad({"input_ids": [[5, 6, 7, 8, 9, 10], [5, 6, 7]]}, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        ours = policy.generate(**enc, do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)
+        theirs = plain.generate(**enc, do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)
+    assert seen and all(seen), seen
+    assert torch.equal(ours, theirs)
+
+
+def test_a_bf16_policy_keeps_the_backbone_in_bf16_and_trains_the_adapter_in_fp32(tiny_sft):
+    import torch
+
+    from lingtune.train.scoring import load_policy
+
+    model, _ = load_policy(tiny_sft, trainable=True, precision="bf16")
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_native(tmp_path, monkeypatch, native):
+    """On an AVX2-only CPU bf16 matmuls take a fallback ~100x slower than fp32: `auto` must not pick it there."""
+    import lingtune.env
+    from lingtune.config import Params
+    from lingtune.train.rl import trainer_args
+    from lingtune.train.scoring import policy_precision
+
+    monkeypatch.setattr(lingtune.env, "native_bf16", lambda gpu=False: native)
+    params = Params()
+    assert params.rl.precision == "auto"
+    assert policy_precision("auto") == ("bf16" if native else "fp32")
+    assert trainer_args(params, str(tmp_path)).bf16 is native
+    assert policy_precision("fp32") == "fp32" and policy_precision("bf16") == "bf16"

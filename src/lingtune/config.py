@@ -164,8 +164,9 @@ class SFTConfig(_Section):
     attention: Literal["eager", "sdpa"] = "eager"
     """The backbone's attention kernel while training (transformers' `attn_implementation`). `eager`: the
     attention matmuls and softmax as plain ops, which `compile: layers` fuses with the rest of each layer;
-    `sdpa`: torch's fused kernel, whose CPU backward was 0.15 s of a 1.0 s step at these sequence lengths
-    (benchmarks/sft_profile.py). Same math (tests/test_golden.py); the training loss differs by rounding only."""
+    `sdpa`: torch's fused kernel, whose CPU backward is one of the costliest ops of the step at these sequence
+    lengths (benchmarks/sft_profile.py --variant sft-sdpa). Same math (tests/test_golden.py); the training
+    loss differs by rounding only."""
     loss_chunk_rows: int = Field(64, ge=0)
     """The LM head and cross-entropy run on this many answer rows at a time, gradients computed in the same
     pass (lingtune.train.head_loss): the [answer rows, vocabulary] logits never exist whole. 0: whole logits
@@ -333,8 +334,10 @@ class RLConfig(_Section):
     """PPO-style ratio clipping of the surrogate objective."""
     max_prompts: int = Field(0, ge=0)
     """Training prompts drawn from data/processed/train.jsonl; 0 = all."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16`: bf16 autocast (TRL's `bf16=True`) over float32 weights."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 where this machine's bf16 matmuls are native (AMX, AVX-512 BF16, a bf16 GPU), else fp32.
+    `bf16`: the frozen base in bfloat16 (the backbone's own dtype) under bf16 autocast (TRL's `bf16=True`),
+    the adapter and its optimizer in float32. `fp32`: the base upcast to float32, no autocast."""
     threads: int = Field(2, ge=0)
     save_steps: int = Field(5, ge=1)
     logging_steps: int = Field(1, ge=1)

@@ -16,7 +16,9 @@ Features and their cost:
   tokenizer's template to conversational prompts, without adding a second BOS).
 * Log-probs: TRL's chunked LM head on the completion tokens only (`completion_rows_only`; TRL scores
   every position off CUDA): 2-3x faster RLOO steps on CPU, same numbers.
-* CPU: float32, no autocast (`bf16=False`; TRL would default to bf16), no gradient checkpointing.
+* Precision (`rl.precision`; `auto`: bf16 where its matmuls are native, else fp32): `bf16` keeps the
+  frozen base in bfloat16, the dtype the backbone ships in, with the adapter in float32 under bf16 autocast
+  (TRL's `bf16=True`); `fp32` upcasts the base, no autocast. No gradient checkpointing.
 * Fault tolerance: checkpoints every `rl.save_steps` in `rl.checkpoint_dir`; the same command resumes
   from the last complete one (`trainer.train(resume_from_checkpoint=...)`) and continues the same MLflow
   run. A checkpoint is complete once its `lingtune_complete` marker exists (written after "ref" is
@@ -48,7 +50,8 @@ from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerpri
 from lingtune.errors import StageError
 from lingtune.formats import read_jsonl
 from lingtune.train.rewards import COMPONENTS, gold_column, make_weight_schedule, reward_functions, weights_at
-from lingtune.train.scoring import consistency_by_task, load_policy, prompt_set, reward_params, sample_answers
+from lingtune.train.scoring import (consistency_by_task, load_policy, policy_precision, prompt_set, reward_params,
+                                   sample_answers)
 
 
 def prompt_dataset(path: Path, max_prompts: int, seed: int):
@@ -75,7 +78,8 @@ def trainer_args(params, output_dir: str):
         gradient_accumulation_steps=1, num_generations=cfg.num_generations,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, beta=cfg.beta,
         epsilon=cfg.epsilon, reward_weights=weights_at(reward.weights_start, reward.weights_end, 0.0),
-        use_cpu=not torch.cuda.is_available(), bf16=cfg.precision == "bf16", gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(), bf16=policy_precision(cfg.precision) == "bf16",
+        gradient_checkpointing=False,
         disable_dropout=True,
         # two kept: the trainer rotates before the newest is marked complete, the previous one must survive
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=cfg.logging_steps,
@@ -238,7 +242,7 @@ def run_rl(params) -> dict:
         torch.set_num_threads(cfg.threads)
     train_path = Path(params.data.out_dir) / "train.jsonl"
     judge = make_judge(params.reward.judge)  # fails fast (missing key) before the model is loaded
-    model, tokenizer = load_policy(cfg.sft_dir, trainable=True)
+    model, tokenizer = load_policy(cfg.sft_dir, trainable=True, precision=cfg.precision)
     checkpoints = CheckpointDir(cfg.checkpoint_dir, checkpoint_fingerprint(params, content_hash(train_path),
                                                                            content_hash(cfg.sft_dir)))
     last, run_id = checkpoints.resume(last_checkpoint)

@@ -32,10 +32,35 @@ from lingtune.tasks.base import prompt_ids
 from lingtune.train.rewards import COMPONENTS, gold_column, reward_functions, weighted_reward, weights_at
 
 
-def load_policy(adapter_dir: str | Path, trainable: bool):
-    """The base the adapter was trained on (float32: TRL on CPU trains without autocast) with the
-    LoRA adapter on top, and its tokenizer."""
-    return load(ModelRef(adapter_base(adapter_dir), Path(adapter_dir)), torch.float32, trainable)
+def policy_precision(precision: str) -> str:
+    """`rl.precision: auto` made concrete: bf16 where this machine's bf16 matmuls are native (AMX or
+    AVX-512 BF16, a bf16 GPU), else fp32 (on an AVX2-only CPU they take a fallback two orders of magnitude
+    slower: benchmarks/matmul_peak.py)."""
+    if precision != "auto":
+        return precision
+    from lingtune.env import native_bf16
+
+    return "bf16" if native_bf16(torch.cuda.is_available()) else "fp32"
+
+
+def load_policy(adapter_dir: str | Path, trainable: bool, precision: str = "fp32"):
+    """The base the adapter was trained on with the LoRA adapter on top, and its tokenizer.
+
+    `precision` bf16 keeps the frozen base in bfloat16, the dtype the backbone ships in (so no weight
+    changes), and the adapter in float32 (PEFT upcasts it): the matmuls run on the bf16 matrix units and
+    generation reads half the bytes per token. fp32 upcasts the base (TRL on CPU without autocast)."""
+    dtype = torch.bfloat16 if policy_precision(precision) == "bf16" else torch.float32
+    model, tokenizer = load(ModelRef(adapter_base(adapter_dir), Path(adapter_dir)), dtype, trainable)
+    contiguous_head_input(model)
+    return model, tokenizer
+
+
+def contiguous_head_input(model) -> None:
+    """The LM head gets a contiguous input. `generate` feeds it the last position of every row,
+    `hidden[:, -1:, :]`, a strided view: on CPU `F.linear` then runs a batched matmul that copies the
+    262k x 640 weight once per row (pytorch/pytorch#151934): 3.3 s instead of 20 ms in bf16, and 2x slower in
+    fp32, once per `generate` call. A copy of the few rows costs nothing."""
+    model.get_output_embeddings().register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 @torch.no_grad()
@@ -132,7 +157,8 @@ def run_reward(params) -> dict:
         torch.set_num_threads(cfg.threads)
     records = prompt_set(Path(params.data.out_dir) / "val.jsonl", cfg.prompts_per_task)
     judge = make_judge(cfg.judge)  # fails fast (missing key) before the model is loaded
-    model, tokenizer = load_policy(params.rl.sft_dir, trainable=False)
+    # the RL stage's numerics: its consistency "after" is compared with this "before"
+    model, tokenizer = load_policy(params.rl.sft_dir, trainable=False, precision=params.rl.precision)
     started = time.time()
     answers = sample_answers(model, tokenizer, records, cfg.samples, cfg.temperature, cfg.max_new_tokens, params.seed)
     sampled = time.time() - started
