@@ -8,18 +8,22 @@ sampler (`rl.temperature`, no top-k / top-p) and `rl.prompts_per_step` x `rl.num
 
 * each row generates exactly `--tokens` new tokens (`min_new_tokens` = `max_new_tokens`), so rows compare
   the same work whatever they sample; best of `--trials` after a warm-up;
-* rows: the policy as `lingtune.train.scoring.load_policy` loads it, at `fp32` and `bf16` (`rl.precision`),
-  and each again without the contiguous LM-head input (`-strided`: `generate` hands the head a strided
-  slice of the last positions, on which CPU `F.linear` copies the head weight once per row,
-  pytorch/pytorch#151934);
-* `breakdown`: torch.profiler over one generation of the shipped precision, every op's self time put
-  into `lm_head` (matmuls and copies with the vocabulary as a dimension), `sampling` (softmax and
-  torch.multinomial's draw over the whole vocabulary), `layers and loop` (everything else: the decoder
-  layers with the adapter, the cache, the logits processors, Python).
+* rows: the policy as `lingtune.train.scoring.load_policy` loads it, at `fp32` and `bf16` (`rl.precision`);
+  each again with transformers' own sampler (`-multinomial`: `torch.multinomial`'s draw of random numbers
+  over the whole vocabulary instead of lingtune.train.sampling's inverse-CDF draw), and again without the
+  contiguous LM-head input (`-strided-multinomial`: `generate` hands the head a strided slice of the last
+  positions, on which CPU `F.linear` copies the head weight once per row, pytorch/pytorch#151934).
+  `fp32-strided-multinomial` is the policy as the `rl` stage loaded it before either change;
+* `breakdown`: torch.profiler over one generation of the shipped row, every op's self time put into
+  `lm_head` (matmuls with the vocabulary as a dimension), `sampling` (every other op over the vocabulary:
+  the float copy of the logits, the logits processors, softmax, the draw), `layers and loop` (everything
+  else: the decoder layers with the adapter, the cache, Python).
 
-JSON: `tokens`, `sequences`, `rows.<name>.{precision, contiguous_head, ms_per_token}`, `bf16_speedup`
-(fp32 over bf16), `contiguous_head_speedup` (per precision: strided over contiguous), `breakdown.{precision,
-ms_per_token, kinds.<kind>.{ms_per_token, share}}`.
+JSON: `tokens`, `sequences`, `rows.<name>.{precision, contiguous_head, inverse_cdf, ms_per_token}`,
+`bf16_speedup` (fp32 over bf16), `contiguous_head_speedup` (per precision: strided over contiguous, both
+with multinomial), `inverse_cdf_speedup` (per precision: multinomial over inverse CDF), `speedup_vs_before`
+(`fp32-strided-multinomial` over the shipped row), `breakdown.{precision, ms_per_token, kinds.<kind>.{ms_per_token,
+share}}`.
 
 Usage: python benchmarks/rl_generate.py [--tokens 40] [--trials 2] [--adapter DIR] [--json]
 """
@@ -36,23 +40,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-ROWS = {"fp32": ("fp32", True), "fp32-strided": ("fp32", False), "bf16": ("bf16", True),
-        "bf16-strided": ("bf16", False)}
-"""Row name -> (rl.precision, contiguous head input)."""
-SAMPLING = ("aten::exponential_", "aten::multinomial", "aten::_softmax", "aten::softmax", "aten::argmax")
+ROWS = {f"{precision}{suffix}": (precision, contiguous, inverse_cdf) for precision in ("fp32", "bf16")
+        for suffix, contiguous, inverse_cdf in (("-strided-multinomial", False, False),
+                                                ("-multinomial", True, False), ("", True, True))}
+"""Row name -> (rl.precision, contiguous head input, inverse-CDF sampling)."""
+BEFORE = "fp32-strided-multinomial"
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::linear", "aten::matmul")
+DRAWS = ("aten::exponential_", "aten::multinomial", "aten::uniform_", "aten::searchsorted")
 
 
-def load_row(adapter: Path, precision: str, contiguous: bool):
-    """The policy as the RL stage loads it; without the head hook for a `-strided` row."""
+def load_row(adapter: Path, precision: str, contiguous: bool, inverse_cdf: bool):
+    """The policy as the RL stage loads it, without the head hook and/or the sampler where the row says."""
     import torch
 
     from lingtune.models import ModelRef, adapter_base, load
-    from lingtune.train.scoring import load_policy
+    from lingtune.train.sampling import use_inverse_cdf_sampling
+    from lingtune.train.scoring import contiguous_head_input, policy_precision
 
+    dtype = torch.bfloat16 if policy_precision(precision) == "bf16" else torch.float32
+    model, tokenizer = load(ModelRef(adapter_base(adapter), adapter), dtype)
     if contiguous:
-        return load_policy(adapter, trainable=False, precision=precision)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return load(ModelRef(adapter_base(adapter), adapter), dtype)
+        contiguous_head_input(model)
+    if inverse_cdf:
+        use_inverse_cdf_sampling(model)
+    return model, tokenizer
 
 
 def rl_prompts(params, tokenizer, data: Path) -> dict:
@@ -82,11 +93,11 @@ def generate(model, tokenizer, enc, params, tokens: int) -> float:
 
 
 def kind_of(name: str, shapes: list, vocab: int) -> str:
-    if name.startswith(SAMPLING):
-        return "sampling"
-    if any(vocab in shape for shape in shapes if isinstance(shape, (list, tuple))) and name.startswith(
-            ("aten::mm", "aten::bmm", "aten::addmm", "aten::copy_", "aten::linear", "aten::matmul")):
+    over_vocab = any(vocab in shape for shape in shapes if isinstance(shape, (list, tuple)))
+    if over_vocab and name.startswith(MATMULS):
         return "lm_head"
+    if over_vocab or name.startswith(DRAWS):
+        return "sampling"
     return "layers and loop"
 
 
@@ -116,23 +127,26 @@ def measure(params, adapter: Path, data: Path, tokens: int, trials: int) -> dict
     if params.rl.threads:
         torch.set_num_threads(params.rl.threads)
     rows, enc = {}, None
-    for name, (precision, contiguous) in ROWS.items():
-        model, tokenizer = load_row(adapter, precision, contiguous)
+    shipped_row = policy_precision(params.rl.precision)
+    for name, (precision, contiguous, inverse_cdf) in ROWS.items():
+        model, tokenizer = load_row(adapter, precision, contiguous, inverse_cdf)
         model.eval()
         enc = rl_prompts(params, tokenizer, data) if enc is None else enc
         generate(model, tokenizer, enc, params, 2)  # warm-up: first-call allocations
         best = min(generate(model, tokenizer, enc, params, tokens) for _ in range(trials))
-        rows[name] = {"precision": precision, "contiguous_head": contiguous,
+        rows[name] = {"precision": precision, "contiguous_head": contiguous, "inverse_cdf": inverse_cdf,
                       "ms_per_token": round(best / tokens * 1000, 1)}
-        if precision == policy_precision(params.rl.precision) and contiguous:
+        if name == shipped_row:
             shipped = {"precision": precision, **breakdown(model, tokenizer, enc, params, tokens)}
         del model
     ms = {name: row["ms_per_token"] for name, row in rows.items()}
     return {"tokens": tokens, "sequences": params.rl.prompts_per_step * params.rl.num_generations,
             "threads": torch.get_num_threads(), "rows": rows,
             "bf16_speedup": round(ms["fp32"] / ms["bf16"], 2),
-            "contiguous_head_speedup": {p: round(ms[f"{p}-strided"] / ms[p], 2) for p in ("fp32", "bf16")},
-            "breakdown": shipped}
+            "contiguous_head_speedup": {p: round(ms[f"{p}-strided-multinomial"] / ms[f"{p}-multinomial"], 2)
+                                        for p in ("fp32", "bf16")},
+            "inverse_cdf_speedup": {p: round(ms[f"{p}-multinomial"] / ms[p], 2) for p in ("fp32", "bf16")},
+            "speedup_vs_before": round(ms[BEFORE] / ms[shipped_row], 2), "breakdown": shipped}
 
 
 def table(result: dict) -> str:

@@ -33,7 +33,10 @@ full fine-tuning, and an RL step at the shipped settings.
              `lingtune.train.rl.completion_rows_only`), to show what scoring the completions only buys;
    * `rl-fp32` the same steps with `rl.precision: fp32` (the base upcast to float32, no autocast), to show
              what the bf16 base and the matrix units buy RL (each fraction is of its own dtype's peak). A step's
-             time follows its longest completion, which sampling decides: rows carry the completion lengths.
+             time follows its longest completion, which sampling decides: rows carry the completion lengths;
+   * `rl-before` the same steps as the `rl` stage ran them when issue 15 was filed: TRL's every-row scoring,
+             fp32, and the policy loaded without `lingtune.train.scoring.load_policy`'s two generation fixes
+             (the contiguous LM-head input and inverse-CDF sampling instead of `torch.multinomial`).
 3. FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls, attention, forward and
    backward as dispatched) on the same batches in a separate, untimed pass; for RL, on one extra step
    (generation, log-probs of policy and reference, the update). Achieved FLOP/s = FLOPs / timed
@@ -43,7 +46,7 @@ full fine-tuning, and an RL step at the shipped settings.
 JSON keys: `peak_gflops`, `peak_spread`, `peak_dtype`, `peak_gflops_by_dtype`, `sft_tokens_per_s`,
 `sft_roofline_fraction`, `sft_speedup_vs_plain`,
 `rl_seconds_per_step`, `rl_roofline_fraction`, `rl_speedup_vs_every_row`, `rl_bf16_speedup` (`rl-fp32` over `rl`
-seconds per step), `lora_vs_full_peak_ratio`,
+seconds per step), `rl_speedup_vs_before` (`rl-before` over `rl`), `lora_vs_full_peak_ratio`,
 `lora_vs_full_training_memory_ratio` (the same without the imported runtime both pay), `chunked_head_loss_saves_mb`,
 `chunked_head_loss_speedup`, `sdpa_attention_speedup` (`sft-sdpa` against `sft`), `batch16_speedup` (tokens/s of
 `sft-batch16` against `sft`), `lora_checkpointed_vs_full_peak_ratio` and `checkpointing_speedup` (`sft-checkpointed`
@@ -74,7 +77,7 @@ from children import add_config_arguments, run_configs  # noqa: E402
 from matmul_peak import peak as matmul_peak  # noqa: E402  (`peak` names locals and parameters here)
 
 CONFIGS = ("sft", "sft-sdpa", "sft-batch16", "sft-eager", "sft-whole-logits", "sft-checkpointed", "plain", "full",
-           "full-unfused", "rl", "rl-every-row", "rl-fp32")
+           "full-unfused", "rl", "rl-every-row", "rl-fp32", "rl-before")
 
 
 def precision_dtype(precision: str) -> str:
@@ -89,7 +92,7 @@ def config_dtype(config: str, params) -> str:
 
     if config == "plain":
         return "float32"
-    if config == "rl-fp32":
+    if config in ("rl-fp32", "rl-before"):
         return "float32"
     if config.startswith("rl"):
         return precision_dtype(policy_precision(params.rl.precision))
@@ -236,23 +239,29 @@ def run_sft_config(config: str, params, steps: int) -> dict:
             "runtime_rss_mb": runtime, "loaded_rss_mb": loaded, "peak_rss_mb": peak}
 
 
-def run_rl_config(params, steps: int, every_row: bool, precision: str | None = None) -> dict:
-    """`steps` timed RLOO steps after one warm-up step, then one step under the FLOP counter. With
-    `every_row`, the trainer class's own `train` (TRL's scoring of every position) instead of lingtune's;
-    `precision` overrides `rl.precision`."""
+def run_rl_config(params, steps: int, name: str) -> dict:
+    """`steps` timed RLOO steps after one warm-up step, then one step under the FLOP counter, for the RL
+    config `name` (see the module docstring)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import TrainerCallback
     from transformers.integrations import MLflowCallback
 
     from lingtune.judge import make_judge
+    from lingtune.models import ModelRef, adapter_base, load
     from lingtune.train.rl import build_trainer, prompt_dataset
     from lingtune.train.scoring import load_policy, policy_precision
 
+    before = name == "rl-before"
+    every_row = name in ("rl-every-row", "rl-before")
+    precision = "fp32" if name in ("rl-fp32", "rl-before") else params.rl.precision
     rl = params.rl.model_copy(update={"max_steps": steps + 2, "save_steps": 10_000,
-                                      "precision": policy_precision(precision or params.rl.precision)})
+                                      "precision": policy_precision(precision)})
     params = params.model_copy(update={"rl": rl})
-    model, tokenizer = load_policy(rl.sft_dir, trainable=True, precision=rl.precision)
+    if before:
+        model, tokenizer = load(ModelRef(adapter_base(rl.sft_dir), Path(rl.sft_dir)), torch.float32, trainable=True)
+    else:
+        model, tokenizer = load_policy(rl.sft_dir, trainable=True, precision=rl.precision)
     dataset = prompt_dataset(Path(params.data.out_dir) / "train.jsonl", rl.max_prompts, params.seed)
 
     class Clock(TrainerCallback):
@@ -281,7 +290,6 @@ def run_rl_config(params, steps: int, every_row: bool, precision: str | None = N
     timed = {h["step"]: h for h in trainer.state.log_history if 2 <= h.get("step", 0) <= steps + 1
              and "completions/max_length" in h}
     mean = statistics.mean(clock.seconds)
-    name = "rl-every-row" if every_row else "rl" if precision is None else f"rl-{precision}"
     return {"config": name, "algorithm": rl.algorithm, "precision": rl.precision,
             "threads": torch.get_num_threads(),
             "completions_per_step": rl.prompts_per_step * rl.num_generations,
@@ -303,9 +311,7 @@ def child(args) -> dict:
     torch.manual_seed(params.seed)
     rl = args.child.startswith("rl")
     torch.set_num_threads(params.rl.threads if rl else params.sft.threads or os.cpu_count())
-    row = (run_rl_config(params, args.rl_steps, every_row=args.child == "rl-every-row",
-                         precision="fp32" if args.child == "rl-fp32" else None) if rl
-           else run_sft_config(args.child, params, args.steps))
+    row = run_rl_config(params, args.rl_steps, args.child) if rl else run_sft_config(args.child, params, args.steps)
     return {"peak_rss_mb": peak_rss_mb(), **row}
 
 
@@ -340,6 +346,9 @@ def summary(rows: dict[str, dict], peaks: dict[str, tuple[float, float]]) -> dic
     if "rl" in rows and "rl-fp32" in rows:
         result["rl_bf16_speedup"] = round(statistics.mean(rows["rl-fp32"]["step_seconds"])
                                           / statistics.mean(rows["rl"]["step_seconds"]), 2)
+    if "rl" in rows and "rl-before" in rows:
+        result["rl_speedup_vs_before"] = round(statistics.mean(rows["rl-before"]["step_seconds"])
+                                               / statistics.mean(rows["rl"]["step_seconds"]), 2)
     if "sft" in rows and "full" in rows:
         result["lora_vs_full_peak_ratio"] = round(rows["sft"]["peak_rss_mb"] / rows["full"]["peak_rss_mb"], 3)
         # the same without the imported runtime (Python, torch, transformers, peft, Lightning), which both

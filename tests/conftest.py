@@ -35,6 +35,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on the tiny model, saved by peft like models/sft (B = 0: it equals the base)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    out = tmp_path_factory.mktemp("tiny-sft")
+    model.save_pretrained(out)
+    return out
+
+
 def make_sft_project(root: Path, tmp: Path, sft: dict) -> Path:
     """A scratch project for `lingtune sft`: the tiny backbone, a slice of the prepared data, its own MLflow store."""
     from tiny import build_tiny_model

@@ -23,19 +23,6 @@ KEY_ENV = "LINGTUNE_TEST_JUDGE_KEY"
 
 
 @pytest.fixture(scope="module")
-def tiny_sft(tiny_model_dir, tmp_path_factory) -> Path:
-    """A LoRA adapter on the tiny model, saved by peft like models/sft (B = 0: it equals the base)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    out = tmp_path_factory.mktemp("tiny-sft")
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def grader():
     """The tiny model's answers are noise that every task reward scores 0; an LLM judge on localhost that
     grades from the answer's characters gives the varied rewards RL needs to move (and runs the OpenAI
@@ -105,13 +92,20 @@ def assert_costs(report: dict, judge_usd: float) -> None:
                                                abs=1e-6)
 
 
-def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, grader, judge_key):
+def test_rl_steps_reward_stage_and_outputs(tmp_path, tiny_model_dir, tiny_sft, grader, judge_key, monkeypatch):
     import mlflow
+    import torch
 
     from lingtune.config import parse_params
     from lingtune.train.scoring import run_reward
     from lingtune.train.rl import run_rl
 
+    def no_multinomial(*_args, **_kwargs):
+        raise AssertionError("torch.multinomial was called: a stage sampled without lingtune.train.sampling")
+
+    # Both stages sample through transformers `generate` (TRL's rollouts too) on the policy load_policy
+    # built, which draws by inverse CDF.
+    monkeypatch.setattr(torch, "multinomial", no_multinomial)
     params = parse_params(rl_params(tmp_path, tiny_model_dir, tiny_sft, grader[0]))
     report = run_reward(params)
     rows = [json.loads(line) for line in Path(params.reward.dataset).read_text().splitlines()]
@@ -361,3 +355,17 @@ def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_native(tmp_path, mon
     assert policy_precision("auto") == ("bf16" if native else "fp32")
     assert trainer_args(params, str(tmp_path)).bf16 is native
     assert policy_precision("fp32") == "fp32" and policy_precision("bf16") == "bf16"
+
+
+def test_the_checkpoint_fingerprint_holds_the_resolved_precision(monkeypatch):
+    """`auto` is bf16 on one machine and fp32 on another: a checkpoint must not resume across them."""
+    import lingtune.env
+    from lingtune.config import parse_params
+    from lingtune.train.rl import checkpoint_fingerprint
+
+    def stamp(native: bool, precision: str) -> str:
+        monkeypatch.setattr(lingtune.env, "native_bf16", lambda gpu=False: native)
+        return checkpoint_fingerprint(parse_params({"rl": {"precision": precision}}), "data", "sft")
+
+    assert stamp(True, "auto") != stamp(False, "auto")
+    assert stamp(True, "auto") == stamp(False, "bf16") and stamp(False, "auto") == stamp(True, "fp32")

@@ -43,5 +43,5 @@ def test_the_probed_dtypes_follow_precision_auto(monkeypatch, native, sft_dtype)
     assert train_speed.config_dtype("full", params) == sft_dtype
     assert train_speed.config_dtype("plain", params) == "float32"
     assert train_speed.config_dtype("rl", params) == sft_dtype  # rl.precision: auto, as sft
-    assert train_speed.config_dtype("rl-fp32", params) == "float32"
+    assert train_speed.config_dtype("rl-fp32", params) == train_speed.config_dtype("rl-before", params) == "float32"
     assert train_speed.config_dtype("rl", parse_params({"rl": {"precision": "bf16"}})) == "bfloat16"

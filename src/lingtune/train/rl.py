@@ -164,10 +164,13 @@ def build_trainer(params, model, tokenizer, dataset, judge, output_dir: str):
 
 
 def checkpoint_fingerprint(params, data_sha: str, sft_sha: str) -> str:
-    """What checkpoints belong to: rl and reward knobs, seed, data, SFT adapter, and the code the stage runs."""
+    """What checkpoints belong to: rl and reward knobs, seed, data, SFT adapter, and the code the stage runs.
+    The precision is the resolved one: `auto` trains in bf16 on one machine and fp32 on another, and a run
+    resumed on the other kind must start over rather than continue another precision's steps."""
     skip = {"save_steps", "logging_steps", "metrics", "out_dir", "checkpoint_dir", "threads"}
-    return fingerprint(rl=params.rl.model_dump(exclude=skip), reward=params.reward.model_dump(), seed=params.seed,
-                       data=data_sha, sft=sft_sha, code=code_hash(__name__))
+    rl = {**params.rl.model_dump(exclude=skip), "precision": policy_precision(params.rl.precision)}
+    return fingerprint(rl=rl, reward=params.reward.model_dump(), seed=params.seed, data=data_sha, sft=sft_sha,
+                       code=code_hash(__name__))
 
 
 def last_checkpoint(folder: Path) -> str | None:

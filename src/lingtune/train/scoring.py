@@ -30,6 +30,7 @@ from lingtune.models import ModelRef, adapter_base, load
 from lingtune.records import Record
 from lingtune.tasks.base import prompt_ids
 from lingtune.train.rewards import COMPONENTS, gold_column, reward_functions, weighted_reward, weights_at
+from lingtune.train.sampling import use_inverse_cdf_sampling
 
 
 def policy_precision(precision: str) -> str:
@@ -48,10 +49,12 @@ def load_policy(adapter_dir: str | Path, trainable: bool, precision: str = "fp32
 
     `precision` bf16 keeps the frozen base in bfloat16, the dtype the backbone ships in (so no weight
     changes), and the adapter in float32 (PEFT upcasts it): the matmuls run on the bf16 matrix units and
-    generation reads half the bytes per token. fp32 upcasts the base (TRL on CPU without autocast)."""
+    generation reads half the bytes per token. fp32 upcasts the base (TRL on CPU without autocast).
+    Sampling draws by inverse CDF instead of `torch.multinomial` (lingtune.train.sampling)."""
     dtype = torch.bfloat16 if policy_precision(precision) == "bf16" else torch.float32
     model, tokenizer = load(ModelRef(adapter_base(adapter_dir), Path(adapter_dir)), dtype, trainable)
     contiguous_head_input(model)
+    use_inverse_cdf_sampling(model)
     return model, tokenizer
 
 
