@@ -51,19 +51,10 @@ DRAWS = ("aten::exponential_", "aten::multinomial", "aten::uniform_", "aten::sea
 
 def load_row(adapter: Path, precision: str, contiguous: bool, inverse_cdf: bool):
     """The policy as the RL stage loads it, without the head hook and/or the sampler where the row says."""
-    import torch
+    from lingtune.train.scoring import load_policy
 
-    from lingtune.models import ModelRef, adapter_base, load
-    from lingtune.train.sampling import use_inverse_cdf_sampling
-    from lingtune.train.scoring import contiguous_head_input, policy_precision
-
-    dtype = torch.bfloat16 if policy_precision(precision) == "bf16" else torch.float32
-    model, tokenizer = load(ModelRef(adapter_base(adapter), adapter), dtype)
-    if contiguous:
-        contiguous_head_input(model)
-    if inverse_cdf:
-        use_inverse_cdf_sampling(model)
-    return model, tokenizer
+    return load_policy(adapter, trainable=False, precision=precision, contiguous_head=contiguous,
+                       inverse_cdf=inverse_cdf)
 
 
 def rl_prompts(params, tokenizer, data: Path) -> dict:

@@ -248,7 +248,6 @@ def run_rl_config(params, steps: int, name: str) -> dict:
     from transformers.integrations import MLflowCallback
 
     from lingtune.judge import make_judge
-    from lingtune.models import ModelRef, adapter_base, load
     from lingtune.train.rl import build_trainer, prompt_dataset
     from lingtune.train.scoring import load_policy, policy_precision
 
@@ -258,10 +257,8 @@ def run_rl_config(params, steps: int, name: str) -> dict:
     rl = params.rl.model_copy(update={"max_steps": steps + 2, "save_steps": 10_000,
                                       "precision": policy_precision(precision)})
     params = params.model_copy(update={"rl": rl})
-    if before:
-        model, tokenizer = load(ModelRef(adapter_base(rl.sft_dir), Path(rl.sft_dir)), torch.float32, trainable=True)
-    else:
-        model, tokenizer = load_policy(rl.sft_dir, trainable=True, precision=rl.precision)
+    model, tokenizer = load_policy(rl.sft_dir, trainable=True, precision=rl.precision, contiguous_head=not before,
+                                   inverse_cdf=not before)
     dataset = prompt_dataset(Path(params.data.out_dir) / "train.jsonl", rl.max_prompts, params.seed)
 
     class Clock(TrainerCallback):

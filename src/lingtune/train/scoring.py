@@ -44,17 +44,21 @@ def policy_precision(precision: str) -> str:
     return "bf16" if native_bf16(torch.cuda.is_available()) else "fp32"
 
 
-def load_policy(adapter_dir: str | Path, trainable: bool, precision: str = "fp32"):
+def load_policy(adapter_dir: str | Path, trainable: bool, precision: str = "fp32", contiguous_head: bool = True,
+                inverse_cdf: bool = True):
     """The base the adapter was trained on with the LoRA adapter on top, and its tokenizer.
 
     `precision` bf16 keeps the frozen base in bfloat16, the dtype the backbone ships in (so no weight
     changes), and the adapter in float32 (PEFT upcasts it): the matmuls run on the bf16 matrix units and
     generation reads half the bytes per token. fp32 upcasts the base (TRL on CPU without autocast).
-    Sampling draws by inverse CDF instead of `torch.multinomial` (lingtune.train.sampling)."""
+    Sampling draws by inverse CDF instead of `torch.multinomial` (lingtune.train.sampling). The stages keep
+    both generation fixes; `contiguous_head` / `inverse_cdf` off are for the benchmarks that measure them."""
     dtype = torch.bfloat16 if policy_precision(precision) == "bf16" else torch.float32
     model, tokenizer = load(ModelRef(adapter_base(adapter_dir), Path(adapter_dir)), dtype, trainable)
-    contiguous_head_input(model)
-    use_inverse_cdf_sampling(model)
+    if contiguous_head:
+        contiguous_head_input(model)
+    if inverse_cdf:
+        use_inverse_cdf_sampling(model)
     return model, tokenizer
 
 
