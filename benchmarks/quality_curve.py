@@ -27,6 +27,9 @@ A candidate recipe is a separate SFT run with folders of its own, so it never to
   python benchmarks/quality_curve.py --snapshots models/candidate_snapshots --params params.candidate.yaml \\
       --json > reports/benchmarks/quality_curve_candidate.json
 
+A per-task run (`sft.tasks: [ner]`, a per-task adapter) is scored on its own tasks only; the other task's
+scores are null in the JSON and empty in the table.
+
 Both curves use the same validation examples (the first `--max-examples` of each task), so the points of
 two runs compare directly; each report carries the recipe it measured.
 
@@ -81,8 +84,17 @@ def chosen_points(points: list[dict], steps: list[int] | None) -> list[dict]:
 
 
 def scored(point: dict, metrics: dict) -> dict:
-    """A point with its validation scores (`metrics`: per task, as lingtune.tasks computes them)."""
-    return {**point, **{key: metrics[task][metric] for key, (task, metric) in SCORES.items()}}
+    """A point with its validation scores (`metrics`: per task, as lingtune.tasks computes them); None for
+    a task the run did not train (a per-task adapter, `sft.tasks`)."""
+    return {**point, **{key: metrics[task][metric] if task in metrics else None
+                        for key, (task, metric) in SCORES.items()}}
+
+
+def trained_tasks(curve: dict) -> list[str]:
+    """The tasks the run trained on (`sft.tasks` of its recipe; every task for runs that predate the key)."""
+    from lingtune.tasks import names
+
+    return list(curve["recipe"].get("tasks") or names())
 
 
 def saturation(points: list[dict]) -> dict | None:
@@ -95,6 +107,8 @@ def saturation(points: list[dict]) -> dict | None:
     thousands = (last["examples_seen"] - before["examples_seen"]) / 1000
     summary = {"from_step": before["step"], "to_step": last["step"], "train_minutes": round(minutes, 2)}
     for key in ("sentiment_macro_f1", "ner_f1"):
+        if last[key] is None:
+            continue
         gain = last[key] - before[key]
         summary[f"{key}_gain"] = round(gain, 4)
         summary[f"{key}_gain_per_minute"] = round(gain / minutes, 5) if minutes > 0 else None
@@ -147,13 +161,19 @@ def measure(folder: Path, params_file: Path, max_examples: int, steps: list[int]
     params = load_params(params_file)
     curve = read_curve(folder)
     check_rank(curve, params)
-    records = split_records(Path(params.data.out_dir) / "val.jsonl", max_examples)
+    every_task = split_records(Path(params.data.out_dir) / "val.jsonl", max_examples)
+    records = {task: recs for task, recs in every_task.items() if task in trained_tasks(curve)}
     points = score_points(params, folder, chosen_points(base_points(curve), steps), records)
     return {"split": "validation", "max_examples": max_examples, "snapshots": str(folder),
             "constrained": params.evaluate.constrained, "examples": {task: len(r) for task, r in records.items()},
-            "fingerprint": curve.get("fingerprint"), "recipe": curve["recipe"], "train_examples": curve.get("train_examples"),
+            "tasks": list(records), "fingerprint": curve.get("fingerprint"), "recipe": curve["recipe"],
+            "train_examples": curve.get("train_examples"),
             "final_is_last_snapshot": final_is_last_snapshot(curve, folder), "points": points,
             "saturation": saturation(points)}
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def table(report: dict) -> str:
@@ -161,13 +181,14 @@ def table(report: dict) -> str:
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for p in report["points"]:
         lines.append(" | ".join([str(p["step"]), f"{p['examples_seen']:,}", f"{p['epochs'] or 0:.2f}",
-                                 f"{p['train_seconds'] / 60:.1f}", *(f"{100 * p[k]:.1f}%" for k in
+                                 f"{p['train_seconds'] / 60:.1f}", *(percent(p[k]) for k in
                                  ("sentiment_macro_f1", "ner_precision", "ner_recall", "ner_f1")),
-                                 f"{100 * p['sentiment_invalid']:.1f}% / {100 * p['ner_invalid']:.1f}%"]))
+                                 f"{percent(p['sentiment_invalid'])} / {percent(p['ner_invalid'])}"]))
     if s := report["saturation"]:
+        gains = [f"{label} {100 * s[key + '_gain']:+.1f} pt" for label, key in
+                 (("sentiment macro-F1", "sentiment_macro_f1"), ("NER F1", "ner_f1")) if key + "_gain" in s]
         lines.append(f"\nlast {s['train_minutes']:.1f} training min (step {s['from_step']} -> {s['to_step']}): "
-                     f"sentiment macro-F1 {100 * s['sentiment_macro_f1_gain']:+.1f} pt, "
-                     f"NER F1 {100 * s['ner_f1_gain']:+.1f} pt")
+                     + ", ".join(gains))
     return "\n".join(lines)
 
 

@@ -115,7 +115,8 @@ def training_batches(params, cfg, count: int) -> list[dict]:
     from lingtune.train.loader import BucketBatchSampler, collate_left_padded
     from lingtune.train.sft import load_data
 
-    tokenizer, train_set, _ = load_data(params.backbone.out_dir, Path(params.data.out_dir), cfg.max_seq_len)
+    tokenizer, train_set, _ = load_data(params.backbone.out_dir, Path(params.data.out_dir), cfg.max_seq_len,
+                                        cfg.tasks)
     lengths = train_set.lengths()
     epoch = sorted(BucketBatchSampler(lengths, cfg.batch_size, params.seed),
                    key=lambda indices: max(lengths[i] for i in indices))

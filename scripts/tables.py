@@ -306,18 +306,20 @@ def quality_curve(rel: str, data: dict) -> list[str]:
              pct(p["sentiment_macro_f1"]), pct(p["ner_precision"]), pct(p["ner_recall"]), pct(p["ner_f1"]),
              f"{pct(p['sentiment_invalid'])} / {pct(p['ner_invalid'])}"] for p in data["points"]]
     examples = data.get("examples", {})
-    note = (f"validation split, {num(examples.get('sentiment'))} reviews and {num(examples.get('ner'))} sentences; "
-            f"train min: the training loop's wall minutes at that step")
+    scored = [f"{num(examples[task])} {noun}" for task, noun in (("sentiment", "reviews"), ("ner", "sentences"))
+              if task in examples]  # a per-task run (sft.tasks) is scored on its own task only
+    note = (f"validation split, {' and '.join(scored)}; train min: the training loop's wall minutes at that step")
     out = [source([rel], note), "",
            *md_table(["step", "examples seen", "epochs", "train min", "sentiment macro-F1", "NER P", "NER R",
                       "NER F1", "invalid sentiment / NER"], rows)]
     if s := data.get("saturation"):
+        scores = [(label, key) for label, key in (("sentiment macro-F1", "sentiment_macro_f1"), ("NER F1", "ner_f1"))
+                  if f"{key}_gain" in s]  # a per-task run has one task's scores
         per_minute = [f"{label} {pts(s[f'{key}_gain'])} ({pts(s[f'{key}_gain_per_minute'])} per minute)"
-                      for label, key in (("sentiment macro-F1", "sentiment_macro_f1"), ("NER F1", "ner_f1"))
-                      if s.get(f"{key}_gain_per_minute") is not None]
+                      for label, key in scores if s.get(f"{key}_gain_per_minute") is not None]
+        best = ", ".join(f"{label.split()[0]} {s[f'{key}_best_step']}" for label, key in scores)
         out += ["", f"Last {num(s['train_minutes'], 1)} training minutes (step {s['from_step']} to {s['to_step']}): "
-                + ("; ".join(per_minute) or "no training time between them") + f". Best step: sentiment "
-                f"{s['sentiment_macro_f1_best_step']}, NER {s['ner_f1_best_step']}."]
+                + ("; ".join(per_minute) or "no training time between them") + f". Best step: {best}."]
     return out
 
 

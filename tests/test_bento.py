@@ -86,7 +86,8 @@ def test_the_build_folder_serves_the_packed_champion_without_a_registry(champion
 
     monkeypatch.chdir(tmp_path)  # where the service runs in the Bento; no mlflow.db here
     plan = resolve_plan(load_params("params.yaml"))
-    assert (plan.base, plan.adapters, plan.fallback, plan.task_model) == (Path("model"), {}, "", "lingtune")
+    assert (plan.base, plan.adapters, plan.fallback) == (Path("model"), {}, "")
+    assert plan.task_model == {"sentiment": "lingtune", "ner": "lingtune"}
     assert not Path("mlflow.db").exists()
 
 

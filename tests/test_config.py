@@ -77,6 +77,22 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match=r"evaluate\.max_lora_rank \(8\) is below sft\.lora\.r \(16\)"):
         parse_params({"sft": {"lora": {"r": 16}}})
     assert parse_params({"sft": {"lora": {"r": 16}}, "evaluate": {"max_lora_rank": 16}}).evaluate.max_lora_rank == 16
+    for tasks, message in ((["ner", "pos"], "Input should be 'sentiment' or 'ner'"),
+                           (["ner", "ner"], "tasks must name each of sentiment, ner at most once"),
+                           ([], "at least 1 item")):
+        with pytest.raises(ConfigError, match=rf"sft(\.tasks(\.1)?)?: .*{message}"):
+            parse_params({"sft": {"tasks": tasks}})
+    assert parse_params({"sft": {"tasks": ["ner"], "out_dir": "models/sft_ner"}}).sft.tasks == ["ner"]
+    with pytest.raises(ConfigError, match=r"trains a per-task adapter into models/sft, which rl.sft_dir, "
+                                          r"quantize.sources, register.variants use as the adapter of every task"):
+        parse_params({"sft": {"tasks": ["ner"]}})
+
+
+def test_the_task_names_config_knows_are_lingtunes_tasks():
+    from lingtune import tasks
+    from lingtune.config import TASK_NAMES
+
+    assert TASK_NAMES == tasks.names()
 
 
 def test_unreadable_files(tmp_path):

@@ -251,6 +251,25 @@ def test_the_quality_curve_becomes_a_table_of_points(project_copy):
     assert "#### `quality_curve`" not in page  # its own region, not among the other saved results
 
 
+def test_a_per_task_curve_shows_only_its_task(project_copy):
+    """A per-task run's curve (`sft.tasks: [sentiment]`; numbers made up for the test only): the other task's
+    columns are empty, not zero, and neither the note nor the summary speaks of it."""
+    point = {"step": 100, "examples_seen": 800, "epochs": 0.1, "train_seconds": 60.0, "sentiment_macro_f1": 0.8,
+             "sentiment_invalid": 0.0, "ner_precision": None, "ner_recall": None, "ner_f1": None, "ner_invalid": None}
+    later = {**point, "step": 200, "examples_seen": 1600, "train_seconds": 120.0, "sentiment_macro_f1": 0.9}
+    spec = importlib.util.spec_from_file_location("quality_curve", ROOT / "benchmarks" / "quality_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    report = {"examples": {"sentiment": 500}, "points": [point, later], "saturation": curve.saturation([point, later])}
+    (project_copy / "reports" / "benchmarks").mkdir(exist_ok=True)
+    (project_copy / "reports" / "benchmarks" / "quality_curve_one_task.json").write_text(json.dumps(report))
+    assert run_tables(project_copy).returncode == 0
+    page = (project_copy / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert "| 200 | 1,600 | 0.10 | 2.0 | 90.0% | – | – | – | 0.0% / – |" in page
+    assert "validation split, 500 reviews; train min" in page
+    assert "sentiment macro-F1 +10.0 pt (+10.0 pt per minute). Best step: sentiment 200." in page
+
+
 def test_a_candidate_curve_and_a_comparison_get_their_own_tables(project_copy):
     """A candidate's quality curve (`quality_curve_NAME.json`) renders as a curve, `lingtune compare --json`
     output (`compare_NAME.json`) as one row per metric (numbers made up for the test only)."""

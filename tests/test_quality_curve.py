@@ -89,3 +89,17 @@ def test_the_final_folder_is_compared_with_the_last_snapshot(tmp_path, monkeypat
     (tmp_path / "models/sft/adapter_model.safetensors").write_bytes(b"snaps/step-00100")
     assert curve_module.final_is_last_snapshot(CURVE, Path("snaps")) is True
     assert curve_module.final_is_last_snapshot({**CURVE, "recipe": {"out_dir": "gone"}}, Path("snaps")) is None
+
+
+def test_a_per_task_run_is_scored_and_summarised_on_its_own_task_only():
+    """A run with `sft.tasks: [sentiment]` (a per-task adapter): NER scores are absent, not zeros, and the
+    saturation summary says nothing about NER; a run that predates the key trained every task."""
+    per_task = {**CURVE, "recipe": {**CURVE["recipe"], "tasks": ["sentiment"]}}
+    assert curve_module.trained_tasks(per_task) == ["sentiment"]
+    assert curve_module.trained_tasks(CURVE) == ["sentiment", "ner"]
+    only = {"sentiment": scores(0.8, 0.0)["sentiment"]}
+    first, last = (curve_module.scored(p, s) for p, s in zip(curve_module.base_points(per_task), (only, only)))
+    assert last["sentiment_macro_f1"] == 0.8 and last["ner_f1"] is None and last["ner_invalid"] is None
+    summary = curve_module.saturation([first, last])
+    assert summary["sentiment_macro_f1_gain"] == 0.0 and not any(key.startswith("ner") for key in summary)
+    assert "NER" not in curve_module.table({"points": [first, last], "saturation": summary}).splitlines()[-1]

@@ -16,6 +16,9 @@ import openai
 import pytest
 import yaml
 
+from lingtune.config import ConfigError
+from lingtune.errors import ModelError
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
 LIMITS = {"max_tokens": 48, "max_prompt_tokens": 240, "max_batch": 4, "max_body_bytes": 4096, "max_concurrency": 4}
@@ -53,9 +56,10 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: int = 300)
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
-    adapter = _tiny_adapter(tiny_model_dir, work / "sft")
+    adapter, ner = _tiny_adapter(tiny_model_dir, work / "sft"), _tiny_adapter(tiny_model_dir, work / "ner")
     port = _free_port()
-    params = {"serve": {"model": str(tiny_model_dir), "adapters": {"sft": str(adapter), "rl": str(work / "none")},
+    params = {"serve": {"model": str(tiny_model_dir), "task_model": {"sentiment": "sft", "ner": "ner"},
+                        "adapters": {"sft": str(adapter), "ner": str(ner), "rl": str(work / "none")},
                         "host": "127.0.0.1", "port": port, "kv_cache_gb": 1, "max_model_len": 512, **LIMITS}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     (work / "bentofile.yaml").write_text((ROOT / "bentofile.yaml").read_text())
@@ -90,7 +94,7 @@ def _raw(server, path: str, content: bytes, key: str | None = KEY) -> httpx.Resp
 
 def test_models_lists_base_and_existing_adapters(client):
     models = client.models.list().data
-    assert {m.id for m in models} == {"lingtune", "sft"}  # `rl` points at a missing folder: skipped, not fatal
+    assert {m.id for m in models} == {"lingtune", "sft", "ner"}  # `rl`: a missing folder, skipped, not fatal
     assert all(getattr(m, "root", m.id) == m.id for m in models)  # no local folder paths
 
 
@@ -130,6 +134,14 @@ def test_sentiment_single_and_batch(client):
     many = client.post("/sentiment", body={"texts": ["很好", "太差了"], "model": "lingtune"}, cast_to=object)
     assert [r["label"] in ("positive", "negative") for r in many["results"]] == [True, True]
     assert many["usage"]["completion_tokens"] == 2
+
+
+def test_each_task_endpoint_answers_with_its_own_default_model(client):
+    """Per-task adapters side by side (`serve.task_model: {sentiment: sft, ner: ner}`): a request without
+    `model` is answered by its task's adapter, and the reply says which model answered."""
+    assert client.post("/sentiment", body={"text": "很好"}, cast_to=object)["model"] == "sft"
+    assert client.post("/ner", body={"texts": ["李鹏"]}, cast_to=object)["model"] == "ner"
+    assert client.post("/ner", body={"text": "李鹏", "model": "lingtune"}, cast_to=object)["model"] == "lingtune"
 
 
 def test_ner_endpoint_answers_every_text_in_the_documented_shape(client):
@@ -356,10 +368,27 @@ def test_plan_serves_an_adapter_model_under_the_served_name(tiny_model_dir, tmp_
                                      "merge_adapter": False}})
     plan = resolve_plan(params)
     assert (plan.base, plan.base_name) == (tiny_model_dir, "lingtune-base")
-    assert plan.adapters == {"lingtune": adapter} and plan.task_model == "lingtune"
+    assert plan.adapters == {"lingtune": adapter} and plan.task_model == {"sentiment": "lingtune", "ner": "lingtune"}
     assert plan.skipped == (f"rl ({tmp_path / 'missing'}: no adapter_config.json)",)
     with pytest.raises(ValueError, match="neither a model folder"):
         resolve_plan(parse_params({"serve": {"model": str(tmp_path)}}))
+
+
+def test_plan_routes_each_task_to_its_own_served_adapter(tiny_model_dir, tmp_path):
+    """Per-task adapters: every named model must be served; a skipped adapter is a refusal to start, never
+    a task answered by the untrained base."""
+    from lingtune.config import parse_params
+    from lingtune.serve.runtime import resolve_plan
+
+    sentiment = _tiny_adapter(tiny_model_dir, tmp_path / "sentiment")
+    serve = {"model": str(tiny_model_dir), "task_model": {"sentiment": "sentiment", "ner": "ner"},
+             "adapters": {"sentiment": str(sentiment), "ner": str(tmp_path / "gone")}}
+    with pytest.raises(ModelError, match=r"task_model: \{'ner': 'ner'\} not served .* skipped: ner \("):
+        resolve_plan(parse_params({"serve": serve}))
+    _tiny_adapter(tiny_model_dir, tmp_path / "gone")
+    assert resolve_plan(parse_params({"serve": serve})).task_model == {"sentiment": "sentiment", "ner": "ner"}
+    with pytest.raises(ConfigError, match="one model for each of sentiment, ner"):
+        parse_params({"serve": {**serve, "task_model": {"ner": "ner"}}})
 
 
 def test_plan_falls_back_while_the_registry_has_no_champion(tiny_model_dir, tmp_path):
@@ -414,7 +443,10 @@ def test_plan_merges_an_adapter_model_once(tiny_model_dir, tmp_path):
                                      "merge_cache_dir": str(tmp_path / "cache")}})
     plan = resolve_plan(params)
     assert plan.base.parent == tmp_path / "cache" and (plan.base / "config.json").is_file()
-    assert (plan.base_name, plan.adapters, plan.task_model) == ("lingtune", {}, "lingtune")
+    assert (plan.base_name, plan.adapters) == ("lingtune", {}) and set(plan.task_model.values()) == {"lingtune"}
+    with pytest.raises(ModelError, match="names a model per task .* set merge_adapter false"):
+        resolve_plan(parse_params({"serve": {**params.serve.model_dump(), "task_model": {"sentiment": "sft",
+                                                                                         "ner": "sft"}}}))
     assert plan.skipped and "merged" in plan.skipped[0]
     written = (plan.base / "config.json").stat().st_mtime_ns
     assert resolve_plan(params).base == plan.base and (plan.base / "config.json").stat().st_mtime_ns == written

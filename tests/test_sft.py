@@ -212,3 +212,28 @@ def test_gradients_are_clipped_with_the_fused_optimizer():
     module = SimpleNamespace(cfg=SFTConfig(precision="bf16-mixed"))
     SFTModule.configure_gradient_clipping(module, optimizer, 1.0, "norm")
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1.0 + 1e-5
+
+
+def test_a_per_task_adapter_sees_only_its_task(root, tmp_path):
+    """`sft.tasks: [ner]`: the run trains and validates on NER rows only, and says so in its metrics."""
+    project = make_project(root, tmp_path, max_steps=4, tasks=["ner"], max_seq_len=512,  # sentences run longer
+                           out_dir="models/sft_ner")  # not the folder the later stages take for every task
+    result = run_sft(project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(project)
+    curve = json.loads((project / "models" / "sft_snapshots" / "curve.json").read_text())
+    rows = [json.loads(line) for line in (project / "data/processed/train.jsonl").read_text().splitlines()]
+    ner_rows = sum(1 for row in rows if "entities" in row)
+    assert m["tasks"] == ["ner"] and 0 < ner_rows < len(rows)
+    assert curve["train_examples"] + m["dropped_long_examples"] == ner_rows
+
+
+def test_a_listed_task_without_rows_is_an_error(tmp_path):
+    from conftest import write_jsonl
+    from lingtune.errors import DataError
+    from lingtune.train.sft import task_rows
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "很好", "task": "sentiment", "label": "positive"}])
+    assert [record.label for record in task_rows(path, ["sentiment"])] == ["positive"]
+    with pytest.raises(DataError, match="no ner rows, but sft.tasks lists"):
+        task_rows(path, ["sentiment", "ner"])

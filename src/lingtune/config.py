@@ -8,7 +8,7 @@ that names it (``data.sentiment.total: Input should be greater than 0 (got -5)``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lingtune.errors import ConfigError
 
 __all__ = ["ConfigError", "Params", "load_params", "parse_params"]
+
+
+TaskName = Literal["sentiment", "ner"]
+"""The tasks of lingtune.tasks, spelled out here because config sits below that module (tests/test_config.py
+checks that the two agree)."""
+TASK_NAMES: tuple[str, ...] = get_args(TaskName)
 
 
 class _Section(BaseModel):
@@ -147,6 +153,9 @@ class SFTConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(10, ge=0)
     max_steps: int = Field(800, ge=1)
+    tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_NAMES), min_length=1)
+    """The tasks whose training (and validation) examples the run sees: every task for one joint adapter,
+    one task for a per-task adapter (docs/benchmarks.md#quality_curvepy). Other tasks' rows are left out."""
     batch_size: int = Field(8, ge=1)
     accumulate_grad_batches: int = Field(1, ge=1)
     max_seq_len: int = Field(256, ge=16)
@@ -192,6 +201,12 @@ class SFTConfig(_Section):
     metrics: str = "reports/sft.json"
     loss_curve: str = "reports/sft_loss.csv"
     snapshot_dir: str = "models/sft_snapshots"
+
+    @model_validator(mode="after")
+    def _each_task_once(self) -> "SFTConfig":
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must name each of {', '.join(TASK_NAMES)} at most once (got {self.tasks})")
+        return self
 
     @model_validator(mode="after")
     def _quantized_lora_only(self) -> "SFTConfig":
@@ -360,8 +375,10 @@ class ServeConfig(_Section):
     """The `model` name of the base model in requests (an adapter given as `model` takes this name)."""
     adapters: dict[str, str] = {"sft": "models/sft", "rl": "models/rl"}
     """Multi-LoRA: request `model` name -> adapter folder; folders that do not exist are skipped."""
-    task_model: str = "sft"
-    """Default `model` of the task endpoints; the base model if that adapter is not loaded."""
+    task_model: str | dict[TaskName, str] = "sft"
+    """Default `model` of the task endpoints; the base model if that adapter is not loaded. Per-task
+    adapters served side by side: one name per task (`{sentiment: sentiment, ner: ner}` with those names
+    in `adapters`); each must be served, else the service refuses to start."""
     api_key_env: str = "LINGTUNE_API_KEY"
     """Name of the environment variable holding the Bearer key; unset or empty = no key."""
     allow_anonymous: bool = False
@@ -412,6 +429,13 @@ class ServeConfig(_Section):
                              f"must fit max_model_len ({self.max_model_len}): a NER answer would be cut off")
         if self.max_tokens >= self.max_model_len:
             raise ValueError(f"max_tokens ({self.max_tokens}) must be below max_model_len ({self.max_model_len})")
+        return self
+
+    @model_validator(mode="after")
+    def _a_model_for_every_task(self) -> "ServeConfig":
+        if isinstance(self.task_model, dict) and sorted(self.task_model) != sorted(TASK_NAMES):
+            raise ValueError(f"task_model as a mapping names one model for each of {', '.join(TASK_NAMES)} "
+                             f"(got {', '.join(self.task_model) or 'none'})")
         return self
 
 
@@ -517,6 +541,23 @@ class Params(_Section):
             if getattr(self, section).max_lora_rank < rank:
                 raise ValueError(f"{section}.max_lora_rank ({getattr(self, section).max_lora_rank}) is below "
                                  f"sft.lora.r ({rank}): the engine could not load the trained adapters")
+        return self
+
+    @model_validator(mode="after")
+    def _stages_after_sft_get_a_joint_adapter(self) -> "Params":
+        """The rl, quantize, evaluate and register stages take one adapter for every task: a per-task adapter
+        in their input folder would be tuned and scored on tasks it never learnt."""
+        if sorted(self.sft.tasks) == sorted(TASK_NAMES):
+            return self
+        readers = [name for name, folders in (("rl.sft_dir", [self.rl.sft_dir]),
+                                               ("quantize.sources", self.quantize.sources),
+                                               ("register.variants", list(self.register_.variants.values())))
+                   if Path(self.sft.out_dir) in map(Path, folders)]
+        if readers:
+            raise ValueError(f"sft.tasks {self.sft.tasks} trains a per-task adapter into {self.sft.out_dir}, which "
+                             f"{', '.join(readers)} use as the adapter of every task (per-task adapters in the "
+                             "pipeline are not built yet): give the per-task run its own sft.out_dir "
+                             "(benchmarks/candidates/ner_only.yaml)")
         return self
 
 

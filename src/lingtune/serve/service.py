@@ -50,7 +50,7 @@ class LingTune:
             log.warning("%s; /readyz stays not ready while the fallback is served", plan.fallback)
         for skipped in plan.skipped:
             log.warning("adapter %s not served", skipped)
-        tasks = TaskSettings(default_model=plan.task_model, max_tokens_ner=CFG.max_tokens_ner,
+        tasks = TaskSettings(default_models=plan.task_model, max_tokens_ner=CFG.max_tokens_ner,
                              max_model_len=CFG.max_model_len)
         gateway.engine, gateway.app = await start(self.stack, vllm_args(CFG, plan), tasks)
         gateway.fallback = bool(plan.fallback)

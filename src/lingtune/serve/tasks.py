@@ -26,7 +26,8 @@ log = logging.getLogger("lingtune.serve")
 
 @dataclass(frozen=True)
 class TaskSettings:
-    default_model: str
+    default_models: dict[str, str]
+    """The `model` each task endpoint uses when a request names none (serve.task_model)."""
     max_tokens_ner: int
     max_model_len: int
 
@@ -36,7 +37,7 @@ class TaskRequest(BaseModel):
     text: str | None = Field(None, min_length=1)
     texts: list[str] | None = Field(None, min_length=1)
     model: str | None = None
-    """Base model or adapter name (see /v1/models); the server's task_model by default."""
+    """Base model or adapter name (see /v1/models); the server's task_model for this task by default."""
 
     @model_validator(mode="after")
     def _one_form(self) -> "TaskRequest":
@@ -138,7 +139,8 @@ def _quietly(future: asyncio.Future) -> None:
 async def run_task(task: str, body: TaskRequest, request: Request):
     state = request.app.state
     settings: TaskSettings = state.lingtune_tasks
-    lora = await _lora(state, body.model or settings.default_model)
+    model = body.model or settings.default_models[task]
+    lora = await _lora(state, model)
     decode = decoder(state)
     texts = [body.text] if body.text is not None else body.texts
     prompts = fitting_prompts(decode, task, texts, settings.max_model_len)
@@ -149,7 +151,9 @@ async def run_task(task: str, body: TaskRequest, request: Request):
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens,
              "prompt_tokens_details": {"cached_tokens": sum(a[3] for a in answers)}}  # OpenAI's usage shape
-    return {**results[0], "usage": usage} if body.text is not None else {"results": results, "usage": usage}
+    if body.text is not None:
+        return {**results[0], "model": model, "usage": usage}
+    return {"results": results, "model": model, "usage": usage}
 
 
 def _endpoint(name: str):

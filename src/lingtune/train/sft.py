@@ -41,7 +41,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lingtune.artifacts import CheckpointDir, code_hash, content_hash, fingerprint, publishing, write_json, write_text
 from lingtune.config import CostConfig, SFTConfig
-from lingtune.errors import StageError
+from lingtune.errors import DataError, StageError
 from lingtune.tracking import flatten, run_cost
 from lingtune.train.head_loss import WHOLE_OR_CHUNKED, HeadLoss, capped_cross_entropy, chunk_loss_and_grad
 from lingtune.train.loader import IGNORE, BucketBatchSampler, SFTDataset, collate_left_padded
@@ -262,17 +262,28 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_data(backbone_dir: str, data_dir: Path, max_len: int):
-    """Tokenizer (pad = eos when the model has no pad token) and the encoded train/val splits."""
-    from transformers import AutoTokenizer
-
+def task_rows(path: Path, tasks: Sequence[str]) -> list:
+    """The records of `path` whose task is one of `tasks`; a DataError if one of them has no row there
+    (a per-task adapter trained on nothing must not be written as if it had learnt its task)."""
     from lingtune.formats import read_jsonl
+
+    records = read_jsonl(path)
+    kept = [record for record in records if record.task in tasks]
+    missing = sorted(set(tasks) - {record.task for record in kept})
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(missing)} rows, but sft.tasks lists {list(tasks)}")
+    return kept
+
+
+def load_data(backbone_dir: str, data_dir: Path, max_len: int, tasks: Sequence[str]):
+    """Tokenizer (pad = eos when the model has no pad token) and the encoded train/val splits of `tasks`."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return (tokenizer, SFTDataset(tokenizer, read_jsonl(data_dir / "train.jsonl"), max_len),
-            SFTDataset(tokenizer, read_jsonl(data_dir / "val.jsonl"), max_len))
+    return (tokenizer, SFTDataset(tokenizer, task_rows(data_dir / "train.jsonl", tasks), max_len),
+            SFTDataset(tokenizer, task_rows(data_dir / "val.jsonl", tasks), max_len))
 
 
 class ProgressLines(pl.Callback):
@@ -335,7 +346,7 @@ def run_sft(params, full_baseline: bool = False) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(params.seed, workers=True, verbose=False)
-    tokenizer, train_set, val_set = load_data(params.backbone.out_dir, data_dir, cfg.max_seq_len)
+    tokenizer, train_set, val_set = load_data(params.backbone.out_dir, data_dir, cfg.max_seq_len, cfg.tasks)
     data_sha = content_hash(data_dir / "train.jsonl")
     stamp = checkpoint_fingerprint(params, cfg, data_sha)
     checkpoints = CheckpointDir(cfg.checkpoint_dir, stamp)
@@ -391,8 +402,8 @@ def _finish(module: SFTModule, trainer, logger, cfg: SFTConfig, started: float, 
     tail = [row["loss"] for row in losses[-10:]]
     wall = time.time() - started
     metrics = {
-        "method": cfg.method, "quantization": cfg.quantization, "precision": cfg.precision,
-        "steps": trainer.global_step,
+        "method": cfg.method, "tasks": list(cfg.tasks), "quantization": cfg.quantization,
+        "precision": cfg.precision, "steps": trainer.global_step,
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "val_loss": val_loss, "skipped_batches": module.skipped,
