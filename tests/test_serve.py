@@ -375,8 +375,8 @@ def test_plan_serves_an_adapter_model_under_the_served_name(tiny_model_dir, tmp_
 
 
 def test_plan_routes_each_task_to_its_own_served_adapter(tiny_model_dir, tmp_path):
-    """Per-task adapters: every named model must be served; a skipped adapter is a refusal to start, never
-    a task answered by the untrained base."""
+    """Every model `serve.task_model` names (one for all tasks, or one per task) must be served; a skipped
+    adapter is a refusal to start, never a task answered by the untrained base."""
     from lingtune.config import parse_params
     from lingtune.serve.runtime import resolve_plan
 
@@ -385,8 +385,12 @@ def test_plan_routes_each_task_to_its_own_served_adapter(tiny_model_dir, tmp_pat
              "adapters": {"sentiment": str(sentiment), "ner": str(tmp_path / "gone")}}
     with pytest.raises(ModelError, match=r"task_model: \{'ner': 'ner'\} not served .* skipped: ner \("):
         resolve_plan(parse_params({"serve": serve}))
+    with pytest.raises(ModelError, match=r"task_model: \{'sentiment': 'ner', 'ner': 'ner'\} not served"):
+        resolve_plan(parse_params({"serve": {**serve, "task_model": "ner"}}))  # one name: the same rule
     _tiny_adapter(tiny_model_dir, tmp_path / "gone")
     assert resolve_plan(parse_params({"serve": serve})).task_model == {"sentiment": "sentiment", "ner": "ner"}
+    plan = resolve_plan(parse_params({"serve": {**serve, "task_model": None}}))
+    assert plan.task_model == {"sentiment": "lingtune", "ner": "lingtune"}  # null: the served model
     with pytest.raises(ConfigError, match="one model for each of sentiment, ner"):
         parse_params({"serve": {**serve, "task_model": {"ner": "ner"}}})
 
@@ -444,7 +448,7 @@ def test_plan_merges_an_adapter_model_once(tiny_model_dir, tmp_path):
     plan = resolve_plan(params)
     assert plan.base.parent == tmp_path / "cache" and (plan.base / "config.json").is_file()
     assert (plan.base_name, plan.adapters) == ("lingtune", {}) and set(plan.task_model.values()) == {"lingtune"}
-    with pytest.raises(ModelError, match="names a model per task .* set merge_adapter false"):
+    with pytest.raises(ModelError, match=r"not served .* serve.merge_adapter serves .* merged, without LoRA"):
         resolve_plan(parse_params({"serve": {**params.serve.model_dump(), "task_model": {"sentiment": "sft",
                                                                                          "ner": "sft"}}}))
     assert plan.skipped and "merged" in plan.skipped[0]

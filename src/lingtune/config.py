@@ -375,10 +375,10 @@ class ServeConfig(_Section):
     """The `model` name of the base model in requests (an adapter given as `model` takes this name)."""
     adapters: dict[str, str] = {"sft": "models/sft", "rl": "models/rl"}
     """Multi-LoRA: request `model` name -> adapter folder; folders that do not exist are skipped."""
-    task_model: str | dict[TaskName, str] = "sft"
-    """Default `model` of the task endpoints; the base model if that adapter is not loaded. Per-task
-    adapters served side by side: one name per task (`{sentiment: sentiment, ner: ner}` with those names
-    in `adapters`); each must be served, else the service refuses to start."""
+    task_model: str | dict[TaskName, str] | None = None
+    """Default `model` of the task endpoints. null: the served model (`model`, e.g. the champion); a name
+    (an adapter of `adapters`, or the served model's name) or one name per task (per-task adapters side by
+    side: `{sentiment: sentiment, ner: ner}`): each must be served, else the service refuses to start."""
     api_key_env: str = "LINGTUNE_API_KEY"
     """Name of the environment variable holding the Bearer key; unset or empty = no key."""
     allow_anonymous: bool = False

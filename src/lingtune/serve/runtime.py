@@ -65,10 +65,7 @@ def resolve_plan(params: Params) -> ServePlan:
         merged = merged_model(Path(ref.base), Path(ref.adapter), Path(cfg.merge_cache_dir))
         skipped = [f"{name} ({folder}: serve.merge_adapter serves {cfg.model} merged, without LoRA)"
                    for name, folder in cfg.adapters.items()]
-        if isinstance(cfg.task_model, dict):
-            raise ModelError(f"serve.task_model names a model per task ({cfg.task_model}), but serve.merge_adapter "
-                             f"serves {cfg.model} merged, without the adapters: set merge_adapter false")
-        return ServePlan(merged, base_name, {}, every_task(base_name), tuple(skipped), fallback)
+        return ServePlan(merged, base_name, {}, task_models(cfg, base_name, {}, skipped), tuple(skipped), fallback)
     if ref.adapter is not None:  # an adapter as the model: it takes the served name, the base `<name>-base`
         adapters[cfg.served_model_name] = Path(ref.adapter)
         base_name = f"{cfg.served_model_name}-base"
@@ -90,18 +87,17 @@ def every_task(name: str) -> dict[str, str]:
 
 
 def task_models(cfg: ServeConfig, base_name: str, adapters: dict[str, Path], skipped: list[str]) -> dict[str, str]:
-    """The task endpoints' default model per task. One name (`serve.task_model: sft`): that adapter where it
-    is served, else the served model. One name per task (per-task adapters): each must be served, or
-    ModelError: a task must not silently be answered by a model that never learnt it."""
+    """The task endpoints' default model per task: the served model (`serve.task_model: null`), or the
+    named ones, each of which must be served, or ModelError: a task must not silently be answered by
+    another model (the untrained base, say) than the one the params name."""
+    if cfg.task_model is None:
+        return every_task(cfg.served_model_name if cfg.served_model_name in adapters else base_name)
+    named = every_task(cfg.task_model) if isinstance(cfg.task_model, str) else dict(cfg.task_model)
     served = {*adapters, base_name}
-    if isinstance(cfg.task_model, str):
-        name = cfg.task_model if cfg.task_model in served else (
-            cfg.served_model_name if cfg.served_model_name in adapters else base_name)
-        return every_task(name)
-    if missing := {task: name for task, name in cfg.task_model.items() if name not in served}:
+    if missing := {task: name for task, name in named.items() if name not in served}:
         raise ModelError(f"serve.task_model: {missing} not served (served: {sorted(served)}"
                          + (f"; skipped: {'; '.join(skipped)})" if skipped else ")"))
-    return dict(cfg.task_model)
+    return named
 
 
 def _unservable(folder: Path, served_base: Path) -> str | None:
